@@ -1,0 +1,41 @@
+"""mIoU of one refiner configuration on a labelled dataset.
+
+    python scripts/evaluate.py dataset=voc21 model=vit_b16 refine=apro
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..config import CONF_DIR, refine_steps
+from ..evaluation import format_table
+from .common import resolved, write_json
+from .methods import methods_table, run_methods
+
+
+def _preset_name(cfg: DictConfig) -> str:
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get("refine", "refine"))
+    return str(cfg.get("name", "refine"))
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate cfg.refine on cfg.dataset; writes results.json (tagged with the resolved config)."""
+    out = Path(cfg.output_dir)
+    name = _preset_name(cfg)
+    results = run_methods(cfg, {name: refine_steps(cfg)}, out)
+    metrics = results["methods"][name]
+    print(format_table(metrics, results["classes"]))
+    print(methods_table(results))
+    write_json(out / "results.json", {**results, "config": resolved(cfg)})
+    return results
+
+
+main = hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")(run)
+
+if __name__ == "__main__":
+    main()

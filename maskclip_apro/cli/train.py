@@ -1,0 +1,30 @@
+"""MaskCLIP+ student training (DeepLabv2 on APro-refined pseudo labels), single or multi process.
+
+    python scripts/train.py dataset=context59 student=deeplabv2_r101 model=vit_b16
+    torchrun --nproc_per_node 4 scripts/train.py dataset=voc21 model=vit_b16 batch_size=32
+    python scripts/train.py dataset=synthetic model=tiny_vit student=tiny iters=20
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ..config import CONF_DIR
+from ..student.distributed import init_distributed, shutdown
+from ..student.trainer import Trainer
+
+
+def run(cfg: DictConfig) -> list[float]:
+    """Train per cfg (conf/train.yaml); returns this call's per-step losses."""
+    info = init_distributed(str(cfg.device))
+    try:
+        return Trainer(cfg, info=info).run()
+    finally:
+        shutdown(info)
+
+
+main = hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Hydra glue shared by the commands and the Python API: config folder, compose, builders."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(resources.files("maskclip_apro.conf"))
+GENERATOR_KEYS = ("templates", "logit_scale", "mode", "short_side", "window", "stride", "cache_dir")
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a primary config from conf/ without running an app (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Generator settings: the `generator` block, overridden by the same keys in the model preset."""
+    merged: dict[str, Any] = {}
+    for block in (cfg.get("generator"), cfg.get("model")):
+        if block is not None:
+            merged.update({k: v for k, v in OmegaConf.to_container(block, resolve=True).items() if k in GENERATOR_KEYS})
+    background = cfg.get("background")
+    if background is not None:
+        merged["background"] = OmegaConf.to_container(background, resolve=True)
+    return merged
+
+
+def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
+    """The MaskCLIP generator named by cfg.model, for `class_names`, on cfg.device."""
+    from .generator import build_generator
+
+    return build_generator(
+        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"),
+        **generator_kwargs(cfg),
+    )
+
+
+def refine_steps(cfg: DictConfig) -> list[str]:
+    """The refiner step names of the run's refine preset."""
+    return list(cfg.refine.get("steps", []))

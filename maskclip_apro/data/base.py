@@ -1,0 +1,135 @@
+"""Sample type and the file-backed dataset base shared by all readers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import load_image, load_label
+from .vocab import is_background
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One item: name (file stem, unique in its dataset), RGB uint8 (H, W, 3) image,
+    label (H, W) of class indices with 255 = ignore, or None when there is no ground truth."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Item:
+    """Where one sample lives on disk."""
+
+    name: str
+    image_path: Path
+    label_path: Path | None
+
+
+def reduce_zero_label_lut() -> np.ndarray:
+    """Lookup table for mmseg's reduce_zero_label: 0 -> 255 (ignore), k -> k - 1, 255 stays."""
+    lut = np.arange(256, dtype=np.int64) - 1
+    lut[0] = IGNORE_INDEX
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut.astype(np.uint8)
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+
+
+def require(path: Path, what: str) -> Path:
+    """Return path, or raise FileNotFoundError naming it and what it should be."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {str(path)!r} does not exist")
+    return path
+
+
+def check_items(items: list[Item]) -> None:
+    """Fail early, naming the first missing file and how many are missing."""
+    missing = [p for it in items for p in (it.image_path, it.label_path) if p is not None and not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} file(s) listed by the dataset are missing, first: {str(missing[0])!r}"
+        )
+
+
+def read_split_file(path: Path) -> list[str]:
+    """Sample ids, one per line, blank lines skipped."""
+    require(path, "split file")
+    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"split file {str(path)!r} lists no samples")
+    return ids
+
+
+class SegDataset:
+    """Items on disk plus a vocabulary; __getitem__ reads and maps one sample.
+
+    label_lut (256,) uint8 maps raw label values to class indices (e.g. reduce_zero_label).
+    """
+
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(
+        self,
+        items: list[Item],
+        class_names: list[str],
+        label_lut: np.ndarray | None = None,
+        limit: int | None = None,
+    ) -> None:
+        check_limit(limit)
+        if not items:
+            raise ValueError(f"{type(self).__name__} has no samples")
+        counts = Counter(it.name for it in items)
+        if len(counts) != len(items):
+            dup = sorted(n for n, c in counts.items() if c > 1)[:5]
+            raise ValueError(f"{type(self).__name__}: several files share the name(s) {dup}")
+        self.items = items[:limit] if limit is not None else items
+        check_items(self.items)
+        self.class_names = list(class_names)
+        self._lut = label_lut
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_background(self) -> bool:
+        return is_background(self.class_names[0])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
+        item = self.items[index]
+        image = load_image(item.image_path)
+        label = None
+        if item.label_path is not None:
+            label = load_label(item.label_path)
+            if label.shape != image.shape[:2]:
+                raise ValueError(
+                    f"label {str(item.label_path)!r} has size {label.shape} but image "
+                    f"{str(item.image_path)!r} has size {image.shape[:2]}"
+                )
+            if self._lut is not None:
+                label = self._lut[self._as_uint8(label, item.label_path)]
+        return Sample(item.name, image, label)
+
+    @staticmethod
+    def _as_uint8(label: np.ndarray, path: Path) -> np.ndarray:
+        if label.dtype != np.uint8:
+            if label.size and (label.min() < 0 or label.max() > 255):
+                raise ValueError(f"label {str(path)!r} holds values outside [0, 255]")
+            label = label.astype(np.uint8)
+        return label

@@ -1,0 +1,56 @@
+"""build_dataset: one entry point from a name (and the Hydra dataset group) to a dataset."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cocostuff import COCOStuffDataset
+from .context import PascalContextDataset
+from .folder import FolderDataset, ImagesDataset
+from .synthetic import SyntheticDataset
+from .voc import VOCDataset
+
+_BUILDERS: dict[str, Callable[..., Any]] = {
+    "voc21": lambda root, split, **kw: VOCDataset(root, split, background=True, **kw),
+    "voc20": lambda root, split, **kw: VOCDataset(root, split, background=False, **kw),
+    "context59": lambda root, split, **kw: PascalContextDataset(root, split, num_classes=59, **kw),
+    "context60": lambda root, split, **kw: PascalContextDataset(root, split, num_classes=60, **kw),
+    "cocostuff171": lambda root, split, **kw: COCOStuffDataset(root, split, **kw),
+    "folder": lambda root, split, **kw: FolderDataset(root, **kw),
+    "images": lambda root, split, **kw: ImagesDataset(root, **kw),
+}
+_EXTRA_KWARGS: dict[str, tuple[str, ...]] = {
+    "synthetic": tuple(p for p in inspect.signature(SyntheticDataset).parameters if p != "split"),
+    "voc21": ("label_dir", "limit"),
+    "voc20": ("label_dir", "limit"),
+    "folder": ("classes", "limit"),
+    "images": ("classes", "limit"),
+}
+DATASET_NAMES = ("synthetic", *_BUILDERS)
+
+
+def build_dataset(name: str, root: str | Path | None = None, split: str = "val", **kwargs: Any):
+    """A dataset by name: synthetic, voc21, voc20, context59, context60, cocostuff171,
+    folder (images + label PNGs + class file) or images (a folder or one image, no labels).
+
+    kwargs: limit (first N samples) for all; label_dir for voc21/voc20; classes for
+    folder/images; num_images, size, seed, ignore_boundary for synthetic. split is
+    ignored by folder and images. Returns an object with len(), [i] -> Sample,
+    class_names, num_classes, ignore_index and has_background.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")
+    allowed = _EXTRA_KWARGS.get(name, ("limit",))
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"dataset {name!r} does not take {unknown}; it takes root, split and {list(allowed)}")
+    if name == "synthetic":
+        if root is not None:
+            raise ValueError(f"dataset 'synthetic' is generated in memory and takes no root, got {root!r}")
+        return SyntheticDataset(split=split, **kwargs)
+    if root is None or str(root) == "":
+        raise ValueError(f"dataset {name!r} needs a root path (dataset.root=...)")
+    return _BUILDERS[name](root, split, **kwargs)

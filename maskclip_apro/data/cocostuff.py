@@ -1,0 +1,27 @@
+"""COCO-Stuff 164k (mmseg layout, 171 classes as train ids)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Item, SegDataset, require
+from .vocab import load_vocab
+
+
+class COCOStuffDataset(SegDataset):
+    """root/images/<split>2017/*.jpg and root/annotations/<split>2017/<stem>_labelTrainIds.png
+    (values 0..170, 255 = ignore), as written by mmseg's coco_stuff164k converter.
+
+    split: "train" or "val" (or the folder name itself, "val2017").
+    """
+
+    def __init__(self, root: str | Path, split: str = "val", limit: int | None = None):
+        root = require(Path(root), "dataset root")
+        folder = split if split.endswith("2017") else f"{split}2017"
+        image_dir = require(root / "images" / folder, "image folder")
+        label_dir = require(root / "annotations" / folder, "annotation folder")
+        images = sorted(image_dir.glob("*.jpg"))
+        if not images:
+            raise FileNotFoundError(f"no .jpg images in {str(image_dir)!r}")
+        items = [Item(p.stem, p, label_dir / f"{p.stem}_labelTrainIds.png") for p in images]
+        super().__init__(items, load_vocab("cocostuff171"), None, limit)

@@ -1,0 +1,64 @@
+"""Disk cache of text embeddings: one safetensors file per (model, checkpoint, templates, names).
+
+Files are written atomically (temp file in the same folder, then rename) and read with
+safetensors (no unpickling). The names are stored in the metadata and checked on load; a
+corrupt or mismatching file is a miss and gets rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/maskclip_apro/text, ~/.cache/maskclip_apro/text when unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "maskclip_apro" / "text"
+
+
+def cache_path(cache_dir: Path, model: str, identity: str, templates: Sequence[str], names: Sequence[str]) -> Path:
+    """File for the embeddings of `names`, keyed by model, checkpoint identity, templates and names."""
+    key = json.dumps(
+        {"v": CACHE_VERSION, "model": model, "checkpoint": identity, "templates": list(templates), "names": list(names)}
+    )
+    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+
+
+def load_cached(path: Path, names: Sequence[str]) -> Optional[torch.Tensor]:
+    """The cached (M, D) embeddings of `names`, or None on a miss."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads(f.metadata().get("names", "null")) != list(names):
+                return None
+            emb = f.get_tensor("embeddings")
+    except Exception:  # a corrupt or foreign file is a miss; it is rewritten
+        return None
+    return emb if emb.shape[0] == len(names) else None
+
+
+def save_cached(path: Path, emb: torch.Tensor, names: Sequence[str]) -> None:
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"embeddings": emb.contiguous().cpu()}, tmp, metadata={"names": json.dumps(list(names))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

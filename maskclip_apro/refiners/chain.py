@@ -1,0 +1,59 @@
+"""Refiner chains built from step names, so configs and the compare table name methods as data."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .base import Guidance, Refiner
+
+APRO_STEPS = {"apro": "parallel", "gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}
+STEPS = ("ks", "pd", "pamr", *APRO_STEPS)
+
+
+def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner:
+    """One refiner from its step name; `params` maps a refiner family (ks, pd, apro, pamr) to kwargs."""
+    params = params or {}
+    if step == "ks":
+        from .ks import KeySmoothing
+
+        return KeySmoothing(**dict(params.get("ks", {})))
+    if step == "pd":
+        from .pd import PromptDenoising
+
+        return PromptDenoising(**dict(params.get("pd", {})))
+    if step == "pamr":
+        from .pamr import PAMR
+
+        kwargs = dict(params.get("pamr", {}))
+        if "dilations" in kwargs:
+            kwargs["dilations"] = tuple(kwargs["dilations"])
+        return PAMR(**kwargs)
+    if step in APRO_STEPS:
+        from .apro import APro
+
+        return APro(mode=APRO_STEPS[step], **dict(params.get("apro", {})))
+    raise ValueError(f"unknown refiner step {step!r}; choose from {STEPS}")
+
+
+class Chain:
+    """Refiners applied in order; records the seconds each step took in `last_times`."""
+
+    def __init__(self, refiners: Sequence[Refiner]) -> None:
+        self.refiners = list(refiners)
+        self.name = "+".join(r.name for r in self.refiners) or "none"
+        self.last_times: dict[str, float] = {}
+
+    @classmethod
+    def from_steps(cls, steps: Sequence[str], params: Mapping[str, Any] | None = None) -> "Chain":
+        return cls([build_refiner(s, params) for s in steps])
+
+    def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+        self.last_times = {}
+        for refiner in self.refiners:
+            start = time.perf_counter()
+            probs = refiner(probs, guidance)
+            self.last_times[refiner.name] = self.last_times.get(refiner.name, 0.0) + time.perf_counter() - start
+        return probs

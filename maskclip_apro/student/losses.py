@@ -1,0 +1,49 @@
+"""Student losses: cross-entropy on hard pseudo labels plus APro's L1 terms on soft targets.
+
+Both terms are returned as SUMS over pixels; the trainer divides by pixel counts taken over the
+whole global batch (all processes, all micro-batches), so that a step's gradient is the same
+however the batch is split across processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+@dataclass
+class LossSums:
+    """ce: summed cross-entropy over labelled pixels; l1: summed L1 over valid pixels and targets."""
+
+    ce: torch.Tensor
+    l1: torch.Tensor
+
+
+def l1_sum(probs: torch.Tensor, targets: Sequence[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Σ_targets Σ_valid pixels Σ_k |p_k − y_k| for probabilities (B, K, H, W) and valid (B, H, W)."""
+    total = probs.new_zeros(())
+    for y in targets:
+        if y.shape != probs.shape:
+            raise ValueError(f"soft target shape {tuple(y.shape)} does not match student output {tuple(probs.shape)}")
+        total = total + ((probs - y).abs().sum(dim=1) * valid).sum()
+    return total
+
+
+def loss_sums(
+    logits: torch.Tensor, hard: torch.Tensor, soft: Sequence[torch.Tensor], valid: torch.Tensor
+) -> LossSums:
+    """Summed CE (ignore 255) of logits (B, K, H, W) vs hard (B, H, W) and summed L1 of softmax vs soft."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, hard, ignore_index=IGNORE, reduction="sum")
+    l1 = l1_sum(torch.softmax(logits, dim=1), soft, valid.to(logits.dtype)) if soft else logits.new_zeros(())
+    return LossSums(ce=ce, l1=l1)
+
+
+def combine(sums: LossSums, num_labelled: float, num_valid: float, ce_weight: float, l1_weight: float) -> torch.Tensor:
+    """ce_weight · CE mean + l1_weight · L1 mean, means over the given (global) pixel counts."""
+    return ce_weight * sums.ce / max(num_labelled, 1.0) + l1_weight * sums.l1 / max(num_valid, 1.0)

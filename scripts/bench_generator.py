@@ -1,0 +1,71 @@
+"""Seconds per image of the MaskCLIP generator forward (and the one-off text classifier build).
+
+    python scripts/bench_generator.py                                   # tiny_vit, random weights
+    python scripts/bench_generator.py --model ViT-B-16 --pretrained none  # real architecture, random weights
+
+`--pretrained none` builds random weights, so the real architecture is timed without a download.
+The text cache goes to a fresh temporary folder so the text build is timed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from maskclip_apro.generator import build_generator
+
+VOC21 = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny_vit")
+    ap.add_argument("--pretrained", default="none", help="'none' for random weights, a tag, or a file")
+    ap.add_argument("--size", default="375x500", help="input HxW (VOC-like default)")
+    ap.add_argument("--short-side", type=int, default=448)
+    ap.add_argument("--window", type=int, default=448)
+    ap.add_argument("--stride", type=int, default=224)
+    ap.add_argument("--mode", default="slide", choices=("slide", "whole"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        gen = build_generator(
+            args.model, pretrained, VOC21, short_side=args.short_side, window=args.window, stride=args.stride,
+            mode=args.mode, cache_dir=cache, device=args.device,
+        )
+        build = time.perf_counter() - start
+    image = torch.rand(1, 3, h, w, device=args.device)
+    out = gen(image)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        gen(image)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    boxes = gen.windows(*out.image.shape[-2:])
+    print(
+        f"model={args.model} pretrained={args.pretrained} input={h}x{w} -> {tuple(out.image.shape[-2:])} "
+        f"grid={tuple(out.logits.shape[-2:])} windows={len(boxes)} mode={args.mode} threads={torch.get_num_threads()}"
+    )
+    print(f"build (weights + text classifier, {len(VOC21)} classes x 85 prompts): {build:.2f} s")
+    print(f"forward: {statistics.median(times):.3f} s/image (median of {args.repeats}; min {min(times):.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Benchmark APro local propagation (design 7): official unfold vs reference vs CPU route vs memory floor.
+
+    python scripts/bench_lp.py --size 512 --k 21 --iters 20 --kernel-size 5 --repeats 3
+
+Prints a markdown table; `run(...)` returns the rows for a combined benchmark script.
+The memory floor is `iters` copies of the unary map (one read and one write per iteration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from maskclip_apro.apro import local_propagation
+from maskclip_apro.kernels.lp import lp_unfold
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(size: int = 512, k: int = 21, iters: int = 20, kernel_size: int = 5, repeats: int = 3) -> list[dict]:
+    """Best-of-`repeats` seconds per method on one (1, k, size, size) map; ratios vs unfold and floor."""
+    gen = torch.Generator().manual_seed(0)
+    unary = torch.softmax(torch.randn(1, k, size, size, generator=gen), 1)
+    image = torch.rand(1, 3, size, size, generator=gen)
+    copy = torch.empty_like(unary)
+
+    def floor() -> None:
+        for _ in range(iters):
+            copy.copy_(unary)
+
+    def lp(backend: str) -> Callable[[], torch.Tensor]:
+        return lambda: local_propagation(unary, image, kernel_size=kernel_size, iters=iters, backend=backend)
+
+    local_propagation(unary[..., :32, :32], image[..., :32, :32], kernel_size=kernel_size, iters=2, backend="cpu")
+    methods = {
+        "unfold (official style)": lambda: lp_unfold(unary, image, 0.15, kernel_size, iters),
+        "torch reference": lp("torch"),
+        "cpu route": lp("cpu"),
+        "memory floor (copy x iters)": floor,
+    }
+    times = {name: _best(fn, repeats) for name, fn in methods.items()}
+    base, bound = times["unfold (official style)"], times["memory floor (copy x iters)"]
+    return [
+        dict(method=name, seconds=t, speedup_vs_unfold=base / t, ratio_vs_floor=t / bound)
+        for name, t in times.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--k", type=int, default=21, help="number of channels (classes)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--kernel-size", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = run(args.size, args.k, args.iters, args.kernel_size, args.repeats)
+    print(f"LP {args.size}x{args.size}, K={args.k}, {args.iters} iters, {args.kernel_size}x{args.kernel_size}, "
+          f"{torch.get_num_threads()} torch threads, best of {args.repeats}\n")
+    print("| method | time (ms) | speed-up vs unfold | x memory floor |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['seconds'] * 1e3:.1f} | {r['speedup_vs_unfold']:.1f}x | {r['ratio_vs_floor']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

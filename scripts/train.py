@@ -1,0 +1,6 @@
+"""Entry point: see maskclip_apro/cli/train.py (Hydra overrides as arguments)."""
+
+from maskclip_apro.cli.train import main
+
+if __name__ == "__main__":
+    main()
