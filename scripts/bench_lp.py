@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from maskclip_apro.apro import local_propagation
-from maskclip_apro.kernels.lp import lp_unfold
+from maskclip_apro.kernels.lp import lp_cpu, lp_unfold, lp_weights
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -41,11 +41,13 @@ def run(size: int = 512, k: int = 21, iters: int = 20, kernel_size: int = 5, rep
     def lp(backend: str) -> Callable[[], torch.Tensor]:
         return lambda: local_propagation(unary, image, kernel_size=kernel_size, iters=iters, backend=backend)
 
+    weights = lp_weights(image, 0.15, kernel_size)
     local_propagation(unary[..., :32, :32], image[..., :32, :32], kernel_size=kernel_size, iters=2, backend="cpu")
     methods = {
         "unfold (official style)": lambda: lp_unfold(unary, image, 0.15, kernel_size, iters),
         "torch reference": lp("torch"),
         "cpu route": lp("cpu"),
+        "cpu route, stencil only (weights precomputed)": lambda: lp_cpu(unary, weights, iters),
         "memory floor (copy x iters)": floor,
     }
     times = {name: _best(fn, repeats) for name, fn in methods.items()}

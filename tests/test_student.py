@@ -155,6 +155,8 @@ def test_teacher_ignores_padding():
     assert float(t.soft[0][1, :, 10:].abs().sum()) == 0.0
     full = teacher(images[:1], valid[:1])
     assert torch.equal(t.hard[0], full.hard[0])
+    with pytest.raises(ValueError, match="teacher scores 5 classes but the dataset has 7"):
+        Teacher(StubGenerator(), num_classes=7)(images, valid)
 
 
 def test_augment_deterministic_and_padded():

@@ -157,6 +157,8 @@ def test_offline_pseudo_labels(tmp_path):
                 info=DistInfo()).run()
     with pytest.raises(ValueError, match="offline_dir"):
         Trainer(make_cfg(tmp_path / "run4", "target.mode=offline"), info=DistInfo())
+    with pytest.raises(ValueError, match="target.mode must be one of"):
+        Trainer(make_cfg(tmp_path / "run5", "target.mode=gp"), info=DistInfo())
 
 
 def test_train_command_end_to_end(tmp_path):

@@ -39,16 +39,28 @@ class APROParams:
 class Teacher:
     """Frozen generator + APro; call with crops (B, 3, H, W) in [0, 1] and a valid mask (B, H, W)."""
 
-    def __init__(self, generator: Callable[[torch.Tensor], Any], mode: str = "none", apro: APROParams | None = None):
+    def __init__(
+        self,
+        generator: Callable[[torch.Tensor], Any],
+        mode: str = "none",
+        apro: APROParams | None = None,
+        num_classes: int | None = None,
+    ):
         if mode not in TARGET_MODES:
             raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {mode!r}")
         self.generator = generator
         self.mode = mode
         self.apro = apro or APROParams()
+        self.num_classes = num_classes
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher softmax upsampled to the crop size, (B, K, H, W)."""
         logits = self.generator(images).logits.float()
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the teacher scores {logits.shape[1]} classes but the dataset has {self.num_classes}; "
+                "check the vocabulary / background settings"
+            )
         probs = torch.softmax(logits, dim=1)
         return F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)
 

@@ -32,7 +32,7 @@ from .data import StepBatches, TrainCrops
 from .deeplabv2 import DeepLabV2
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .losses import combine, loss_sums
-from .teacher import APROParams, Targets, Teacher
+from .teacher import TARGET_MODES, APROParams, Targets, Teacher
 
 # Paper schedule (MaskCLIP+): 2k / 4k / 8k iterations for VOC / Pascal Context / COCO-Stuff.
 DEFAULT_ITERS = {"voc": 2000, "context": 4000, "cocostuff": 8000}
@@ -124,9 +124,11 @@ class Trainer:
                     f"val split {cfg.val_split!r} of dataset {cfg.dataset.name!r} has no labels; set eval.interval=0"
                 )
         self.mode = str(cfg.target.mode)
-        self.teacher = None if self.mode == "offline" else self._build_teacher(generator)
+        if self.mode not in (*TARGET_MODES, "offline"):
+            raise ValueError(f"target.mode must be one of {(*TARGET_MODES, 'offline')}, got {self.mode!r}")
         if self.mode == "offline" and not cfg.target.get("offline_dir"):
             raise ValueError("target.mode=offline needs target.offline_dir (a folder of <name>.png pseudo labels)")
+        self.teacher = None if self.mode == "offline" else self._build_teacher(generator)
 
         torch.manual_seed(int(cfg.seed))
         s = cfg.student
@@ -148,7 +150,6 @@ class Trainer:
         self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0
-        self.losses: List[float] = []
         resumed = self._maybe_resume() if cfg.resume else None
         self.ddp = None
         if self.info.enabled:
@@ -170,7 +171,7 @@ class Trainer:
                 **generator_kwargs(self.cfg),
             )
         apro = APROParams(**OmegaConf.to_container(self.cfg.target.apro, resolve=True))
-        return Teacher(generator, mode=self.mode, apro=apro)
+        return Teacher(generator, mode=self.mode, apro=apro, num_classes=self.num_classes)
 
     def _resume_config(self) -> Dict[str, Any]:
         full = OmegaConf.to_container(self.cfg, resolve=True)
@@ -295,7 +296,6 @@ class Trainer:
             terms = self.train_step(micro)
             self.step += 1
             losses.append(terms["loss"])
-            self.losses.append(terms["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}")
             if self.csv is not None and (self.step % log_every == 0 or self.step == self.iters):
