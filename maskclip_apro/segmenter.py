@@ -112,10 +112,14 @@ class Segmenter:
         return self.generator(image)
 
     @staticmethod
-    def probabilities(out: Any) -> tuple[torch.Tensor, Guidance]:
-        """Softmax of the unary logits, and the guidance the refiners read."""
+    def probabilities(out: Any, image: torch.Tensor) -> tuple[torch.Tensor, Guidance]:
+        """Softmax of the unary logits, and the guidance the refiners read.
+
+        The guidance image is the input at its own resolution (not the generator's resized
+        copy): refiners that work in image space choose their resolution from it.
+        """
         probs = torch.softmax(out.logits.float(), dim=1)
-        return probs, Guidance(image=out.image, keys=out.keys, features=out.features)
+        return probs, Guidance(image=image, keys=out.keys, features=out.features)
 
     @torch.no_grad()
     def predict_many(
@@ -124,10 +128,11 @@ class Segmenter:
         """Run the generator once and every chain on the same unary (the compare table's protocol)."""
         array = to_array(image)
         device = getattr(self.generator, "device", "cpu")
+        image_tensor = to_tensor(array, device)
         start = time.perf_counter()
-        out = self.unary(to_tensor(array, device))
+        out = self.unary(image_tensor)
         generator_time = time.perf_counter() - start
-        probs0, guidance = self.probabilities(out)
+        probs0, guidance = self.probabilities(out, image_tensor)
         predictions = {}
         for name, chain in chains.items():
             probs = chain(probs0, guidance)

@@ -6,6 +6,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from .base import Guidance, Refiner
 
@@ -15,7 +16,7 @@ STEPS = ("ks", "pd", "pamr", *APRO_STEPS)
 
 def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner:
     """One refiner from its step name; `params` maps a refiner family (ks, pd, apro, pamr) to kwargs."""
-    params = params or {}
+    params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else (params or {})
     if step == "ks":
         from .ks import KeySmoothing
 
