@@ -14,30 +14,10 @@ from ..data.io import atomic_write
 from ..samples import sample_paths
 
 
-class ImageList:
-    """Unlabelled images from explicit paths (the bundled samples)."""
-
-    ignore_index = 255
-    has_background = False
-    class_names: list[str] = []
-
-    def __init__(self, paths: Iterable[Path], limit: int | None = None) -> None:
-        self.paths = list(paths)[:limit]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from ..data import Sample
-        from ..data.io import load_image
-
-        return Sample(name=self.paths[i].stem, image=load_image(self.paths[i]), label=None)
-
-
 def open_inputs(cfg: DictConfig) -> tuple[Any, list[str]]:
     """The dataset to run on (cfg.input, else cfg.dataset, else the bundled samples) and its vocabulary.
 
-    A dataset that defines its classes wins over cfg.vocab; image folders use cfg.vocab.
+    A labelled dataset brings its classes; unlabelled images are segmented with cfg.vocab.
     """
     limit = cfg.get("limit")
     if cfg.get("input"):
@@ -48,9 +28,8 @@ def open_inputs(cfg: DictConfig) -> tuple[Any, list[str]]:
             spec["limit"] = limit
         dataset = build_dataset(**spec)
     else:
-        dataset = ImageList(sample_paths(), limit=limit)
-    names = list(getattr(dataset, "class_names", None) or load_vocab(cfg.vocab))
-    return dataset, names
+        dataset = build_dataset("images", root=sample_paths(), classes=load_vocab(cfg.vocab), limit=limit)
+    return dataset, list(dataset.class_names)
 
 
 def stage_summary(times: Iterable[Mapping[str, float]]) -> dict[str, float]:

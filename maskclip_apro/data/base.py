@@ -71,13 +71,26 @@ def read_split_file(path: Path) -> list[str]:
     return ids
 
 
-class SegDataset:
+class LabelledBy:
+    """What every dataset tells about its classes: names, count, background, ignore index."""
+
+    ignore_index: int = IGNORE_INDEX
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_background(self) -> bool:
+        return is_background(self.class_names[0])
+
+
+class SegDataset(LabelledBy):
     """Items on disk plus a vocabulary; __getitem__ reads and maps one sample.
 
     label_lut (256,) uint8 maps raw label values to class indices (e.g. reduce_zero_label).
     """
-
-    ignore_index: int = IGNORE_INDEX
 
     def __init__(
         self,
@@ -97,14 +110,6 @@ class SegDataset:
         check_items(self.items)
         self.class_names = list(class_names)
         self._lut = label_lut
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def has_background(self) -> bool:
-        return is_background(self.class_names[0])
 
     def __len__(self) -> int:
         return len(self.items)

@@ -32,9 +32,10 @@ _EXTRA_KWARGS: dict[str, tuple[str, ...]] = {
 DATASET_NAMES = ("synthetic", *_BUILDERS)
 
 
-def build_dataset(name: str, root: str | Path | None = None, split: str = "val", **kwargs: Any):
+def build_dataset(name: str, root: str | Path | list | None = None, split: str = "val", **kwargs: Any):
     """A dataset by name: synthetic, voc21, voc20, context59, context60, cocostuff171,
-    folder (images + label PNGs + class file) or images (a folder or one image, no labels).
+    folder (images + label PNGs + class file) or images (a folder, one image or a list of
+    image files; no labels).
 
     kwargs: limit (first N samples) for all; label_dir for voc21/voc20; classes for
     folder/images; num_images, size, seed, ignore_boundary for synthetic. split is

@@ -40,13 +40,18 @@ class FolderDataset(SegDataset):
 
 
 class ImagesDataset(SegDataset):
-    """Images without labels: a folder of image files (not recursive) or one image file.
+    """Images without labels: a folder of image files (not recursive), one image file, or a list of files.
 
     classes: the vocabulary to segment with (name, file or list); default "voc21".
     """
 
-    def __init__(self, root: str | Path, classes: Vocab = "voc21", limit: int | None = None):
-        root = require(Path(root), "image folder or file")
-        paths = list_images(root) if root.is_dir() else [root]
+    def __init__(
+        self, root: str | Path | Sequence[str | Path], classes: Vocab = "voc21", limit: int | None = None
+    ):
+        if isinstance(root, (str, os.PathLike)):
+            root = require(Path(root), "image folder or file")
+            paths = list_images(root) if root.is_dir() else [root]
+        else:
+            paths = [require(Path(p), "image file") for p in root]
         items = [Item(p.stem, p, None) for p in paths]
         super().__init__(items, load_vocab(classes), None, limit)

@@ -11,8 +11,7 @@ import zlib
 
 import numpy as np
 
-from .base import IGNORE_INDEX, Sample, check_limit
-from .vocab import is_background
+from .base import IGNORE_INDEX, LabelledBy, Sample, check_limit
 
 CLASS_NAMES = ["background", "ball", "box", "kite", "ring"]
 _COLOURS = np.array(
@@ -65,15 +64,13 @@ def _texture(cls: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: 
     return np.zeros_like(yy)
 
 
-class SyntheticDataset:
+class SyntheticDataset(LabelledBy):
     """num_images seeded images of background plus 2-3 of: ball, box, kite, ring.
 
     size: (H, W), an int for square images, or None for sizes drawn in [64, 96].
     The split name enters the seed, so "train" and "val" differ. ignore_boundary marks
     the one-pixel seam between regions as 255, as VOC marks object outlines.
     """
-
-    ignore_index: int = IGNORE_INDEX
 
     def __init__(
         self,
@@ -98,14 +95,6 @@ class SyntheticDataset:
         self.split = split
         self.ignore_boundary = ignore_boundary
         self.class_names = list(CLASS_NAMES)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def has_background(self) -> bool:
-        return is_background(self.class_names[0])
 
     def __len__(self) -> int:
         return self.num_images
