@@ -23,7 +23,7 @@ from maskclip_apro.student.checkpoint import (
 from maskclip_apro.student.data import StepBatches, read_pseudo_label
 from maskclip_apro.student.deeplabv2 import ASPPv2, DeepLabV2
 from maskclip_apro.student.losses import combine, l1_sum, loss_sums
-from maskclip_apro.student.teacher import APROParams, Teacher
+from maskclip_apro.student.teacher import Teacher
 
 TINY = dict(backbone="resnet18", backbone_kwargs={"channels": (8, 16, 32, 64), "stem_width": 8})
 
@@ -126,7 +126,7 @@ def test_teacher_targets(mode, count):
     torch.manual_seed(0)
     images = torch.rand(2, 3, 16, 16)
     valid = torch.ones(2, 16, 16, dtype=torch.bool)
-    teacher = Teacher(StubGenerator(), mode=mode, apro=APROParams(iters=3, backend="torch"))
+    teacher = Teacher(StubGenerator(), mode=mode, apro={"iters": 3, "backend": "torch"})
     t = teacher(images, valid)
     assert t.hard.shape == (2, 16, 16) and len(t.soft) == count
     p = teacher.probabilities(images)
@@ -146,7 +146,7 @@ def test_teacher_ignores_padding():
     valid = torch.ones(2, 16, 16, dtype=torch.bool)
     valid[1, 10:] = False
     valid[1, :, 12:] = False
-    teacher = Teacher(StubGenerator(), mode="gp_lp_parallel", apro=APROParams(iters=2, backend="torch"))
+    teacher = Teacher(StubGenerator(), mode="gp_lp_parallel", apro={"iters": 2, "backend": "torch"})
     t = teacher(images, valid)
     assert (t.hard[1][~valid[1]] == 255).all() and (t.hard[1][valid[1]] != 255).all()
     alone = teacher(images[1:, :, :10, :12], valid[1:, :10, :12])

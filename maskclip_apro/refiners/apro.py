@@ -80,18 +80,27 @@ class APro:
             probs, image, zeta_s=self.zeta_s, kernel_size=self.kernel_size, iters=self.iters, backend=self.backend
         )
 
-    def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+    def targets(self, probs: torch.Tensor, guidance: Guidance) -> list[torch.Tensor]:
+        """The refined maps at the guidance resolution: [GP, LP] in parallel mode, else one map.
+
+        Training uses them as separate soft targets (seed Table 7, GP-LP-P); the refiner's
+        output is their mean.
+        """
         size = guide_size(*guidance.image.shape[-2:], self.guide_long_side)
         image = guidance.image.float()
         if tuple(image.shape[-2:]) != size:
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
         probs = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
         if self.mode == "gp":
-            return self._gp(probs, image, guidance)
+            return [self._gp(probs, image, guidance)]
         if self.mode == "lp":
-            return self._lp(probs, image)
+            return [self._lp(probs, image)]
         if self.mode == "lp_gp":
-            return self._gp(self._lp(probs, image), image, guidance)
+            return [self._gp(self._lp(probs, image), image, guidance)]
         if self.mode == "gp_lp":
-            return self._lp(self._gp(probs, image, guidance), image)
-        return 0.5 * (self._gp(probs, image, guidance) + self._lp(probs, image))
+            return [self._lp(self._gp(probs, image, guidance), image)]
+        return [self._gp(probs, image, guidance), self._lp(probs, image)]
+
+    def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+        maps = self.targets(probs, guidance)
+        return maps[0] if len(maps) == 1 else sum(maps) / len(maps)

@@ -10,12 +10,16 @@ their valid rectangle alone and get ignore (255) / zero targets outside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from ..refiners.apro import APro
+from ..refiners.base import Guidance
+
 TARGET_MODES = ("none", "gp_lp_parallel", "lp_gp", "gp_lp")
+APRO_MODES = {"gp_lp_parallel": "parallel", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}
 IGNORE = 255
 
 
@@ -27,15 +31,6 @@ class Targets:
     soft: List[torch.Tensor] = field(default_factory=list)
 
 
-@dataclass
-class APROParams:
-    zeta_g: float = 0.1
-    zeta_s: float = 0.15
-    kernel_size: int = 5
-    iters: int = 20
-    backend: str = "auto"
-
-
 class Teacher:
     """Frozen generator + APro; call with crops (B, 3, H, W) in [0, 1] and a valid mask (B, H, W)."""
 
@@ -43,14 +38,17 @@ class Teacher:
         self,
         generator: Callable[[torch.Tensor], Any],
         mode: str = "none",
-        apro: APROParams | None = None,
+        apro: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
     ):
+        """apro: keyword arguments of refiners.apro.APro (zeta_g, zeta_s, kernel_size, iters, backend)."""
         if mode not in TARGET_MODES:
             raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {mode!r}")
         self.generator = generator
         self.mode = mode
-        self.apro = apro or APROParams()
+        self.refiner = None
+        if mode in APRO_MODES:
+            self.refiner = APro(mode=APRO_MODES[mode], guide_long_side=None, **dict(apro or {}))
         self.num_classes = num_classes
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -65,21 +63,10 @@ class Teacher:
         return F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def refine(self, probs: torch.Tensor, images: torch.Tensor) -> List[torch.Tensor]:
-        """The soft targets of the configured mode (empty for "none")."""
-        from ..apro import global_propagation, local_propagation
-
-        p = self.apro
-        gp = lambda x: global_propagation(x, images, p.zeta_g, backend=p.backend)  # noqa: E731
-        lp = lambda x: local_propagation(  # noqa: E731
-            x, images, zeta_s=p.zeta_s, kernel_size=p.kernel_size, iters=p.iters, backend=p.backend
-        )
-        if self.mode == "none":
+        """The soft targets of the configured mode at the crop resolution (empty for "none")."""
+        if self.refiner is None:
             return []
-        if self.mode == "gp_lp_parallel":
-            return [gp(probs), lp(probs)]
-        if self.mode == "lp_gp":
-            return [gp(lp(probs))]
-        return [lp(gp(probs))]
+        return self.refiner.targets(probs, Guidance(image=images))
 
     def _label(self, images: torch.Tensor) -> Targets:
         probs = self.probabilities(images)

@@ -32,7 +32,7 @@ from .data import StepBatches, TrainCrops
 from .deeplabv2 import DeepLabV2
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .losses import combine, loss_sums
-from .teacher import TARGET_MODES, APROParams, Targets, Teacher
+from .teacher import TARGET_MODES, Targets, Teacher
 
 # Paper schedule (MaskCLIP+): 2k / 4k / 8k iterations for VOC / Pascal Context / COCO-Stuff.
 DEFAULT_ITERS = {"voc": 2000, "context": 4000, "cocostuff": 8000}
@@ -170,7 +170,7 @@ class Trainer:
                 str(m.name), m.get("pretrained"), list(self.train_set.class_names), device=str(self.device),
                 **generator_kwargs(self.cfg),
             )
-        apro = APROParams(**OmegaConf.to_container(self.cfg.target.apro, resolve=True))
+        apro = OmegaConf.to_container(self.cfg.target.apro, resolve=True)
         return Teacher(generator, mode=self.mode, apro=apro, num_classes=self.num_classes)
 
     def _resume_config(self) -> Dict[str, Any]:
