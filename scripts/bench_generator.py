@@ -16,12 +16,9 @@ import time
 
 import torch
 
+from maskclip_apro.data import load_vocab
 from maskclip_apro.generator import build_generator
 
-VOC21 = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
-]
 
 
 def main() -> None:
@@ -39,11 +36,12 @@ def main() -> None:
     h, w = (int(v) for v in args.size.lower().split("x"))
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
 
+    classes = load_vocab("voc21")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         gen = build_generator(
-            args.model, pretrained, VOC21, short_side=args.short_side, window=args.window, stride=args.stride,
+            args.model, pretrained, classes, short_side=args.short_side, window=args.window, stride=args.stride,
             mode=args.mode, cache_dir=cache, device=args.device,
         )
         build = time.perf_counter() - start
@@ -63,7 +61,7 @@ def main() -> None:
         f"model={args.model} pretrained={args.pretrained} input={h}x{w} -> {tuple(out.image.shape[-2:])} "
         f"grid={tuple(out.logits.shape[-2:])} windows={len(boxes)} mode={args.mode} threads={torch.get_num_threads()}"
     )
-    print(f"build (weights + text classifier, {len(VOC21)} classes x 85 prompts): {build:.2f} s")
+    print(f"build (weights + text classifier, {len(classes)} classes x 85 prompts): {build:.2f} s")
     print(f"forward: {statistics.median(times):.3f} s/image (median of {args.repeats}; min {min(times):.3f})")
 
 
