@@ -66,12 +66,15 @@ def propagate_reference(unary, order, lo, hi, children, altitude, zeta: float) -
 
 
 @numba.njit(parallel=True, cache=True)
-def _node_tables(children, lo, hi, altitude, inv_z2, tl_lo, tl_mid, tl_hi, tl_a, inv_den):
-    """Internal nodes in DFS preorder (for cache locality) and 1 / normaliser per leaf position."""
+def _node_tables(children, lo, hi, altitude, inv_z2, scratch, tl_lo, tl_mid, tl_hi, tl_a, inv_den):
+    """Internal nodes in DFS preorder (for cache locality) and 1 / normaliser per leaf position.
+
+    scratch (B, 2N-1) float64 holds each image's preorder positions, then its difference array.
+    """
     bsz, m = children.shape[0], children.shape[1]
     n = m + 1
     for b in numba.prange(bsz):
-        pre = np.empty(2 * n - 1, dtype=np.int64)
+        pre = scratch[b].view(np.int64)
         pre[2 * n - 2] = 0
         for t in range(m - 1, -1, -1):
             u = n + t
@@ -83,7 +86,8 @@ def _node_tables(children, lo, hi, altitude, inv_z2, tl_lo, tl_mid, tl_hi, tl_a,
             tl_mid[b, r] = hi[b, ca]
             tl_hi[b, r] = hi[b, u]
             tl_a[b, r] = math.exp(-altitude[b, t] * inv_z2)
-        diff = np.zeros(n + 1)
+        diff = scratch[b, : n + 1]
+        diff[:] = 0.0
         for r in range(m):
             l, mid, h, a = tl_lo[b, r], tl_mid[b, r], tl_hi[b, r], tl_a[b, r]
             s_a = mid - l
@@ -98,41 +102,58 @@ def _node_tables(children, lo, hi, altitude, inv_z2, tl_lo, tl_mid, tl_hi, tl_a,
 
 
 @numba.njit(parallel=True, cache=True)
-def _propagate_channels(phi, order, tl_lo, tl_mid, tl_hi, tl_a, inv_den, out, chunks):
+def _propagate_channels(phi, order, tl_lo, tl_mid, tl_hi, tl_a, inv_den, out, scratch):
+    """One channel at a time per thread (thread c takes the c-th slice of the B*K channels).
+
+    Per channel: prefix sums in leaf order, with the difference array initialised to the
+    differences of consecutive leaf values so that its running sum includes phi itself (the
+    last pass then reads no phi: ~8% faster; float64 rounding of these differences is far
+    below the prefix sums'); the three point updates of every node in preorder; one running
+    sum scattered back. One channel's prefix and difference arrays (16 N bytes) stay close to
+    a core's L2: several channels per node sweep (channel-last blocks) was slower here.
+    """
     bsz, k, n = phi.shape
     m = n - 1
     work = bsz * k
+    chunks = scratch.shape[0]
     for c in numba.prange(chunks):
-        prefix = np.empty(n + 1)
-        diff = np.empty(n + 1)
+        prefix = scratch[c, 0]
+        diff = scratch[c, 1]
         for wi in range(c * work // chunks, (c + 1) * work // chunks):
             b = wi // k
-            ch = wi % k
-            x = phi[b, ch]
+            x = phi[b, wi % k]
+            y = out[b, wi % k]
             o = order[b]
+            node_lo, node_mid, node_hi, node_a, den = tl_lo[b], tl_mid[b], tl_hi[b], tl_a[b], inv_den[b]
             prefix[0] = 0.0
             s = 0.0
+            prev = 0.0
             for p in range(n):
-                s += x[o[p]]
+                v = np.float64(x[o[p]])
+                s += v
                 prefix[p + 1] = s
-            diff[:] = 0.0
+                diff[p] = v - prev  # the running sum below then starts from phi itself
+                prev = v
+            diff[n] = 0.0
             for r in range(m):
-                l, mid, h, a = tl_lo[b, r], tl_mid[b, r], tl_hi[b, r], tl_a[b, r]
-                s_a = prefix[mid] - prefix[l]
-                s_b = prefix[h] - prefix[mid]
+                l, mid, h, a = node_lo[r], node_mid[r], node_hi[r], node_a[r]
+                p_mid = prefix[mid]
+                s_a = p_mid - prefix[l]
+                s_b = prefix[h] - p_mid
                 diff[l] += a * s_b
                 diff[mid] += a * (s_a - s_b)
                 diff[h] -= a * s_a
             acc = 0.0
-            y = out[b, ch]
             for p in range(n):
                 acc += diff[p]
-                i = o[p]
-                y[i] = (x[i] + acc) * inv_den[b, p]
+                y[o[p]] = acc * den[p]
 
 
 def propagate_cpu(unary, order, lo, hi, children, altitude, zeta: float) -> torch.Tensor:
-    """numba: node tables once per image, then channels in parallel with O(N) scratch per thread."""
+    """numba: node tables once per image, then channels in parallel with O(N) scratch per thread.
+
+    Scratch is allocated by numpy (huge pages) rather than inside the kernels (4 KiB faults).
+    """
     bsz, k, n = unary.shape
     work_dtype = unary.dtype if unary.dtype in (torch.float32, torch.float64) else torch.float32
     phi = unary.to(work_dtype).contiguous().numpy()
@@ -144,11 +165,12 @@ def propagate_cpu(unary, order, lo, hi, children, altitude, zeta: float) -> torc
     inv_den = np.empty((bsz, n), dtype=np.float64)
     _node_tables(
         children.numpy(), lo.numpy(), hi.numpy(), altitude.double().numpy(), 1.0 / zeta**2,
-        tl_lo, tl_mid, tl_hi, tl_a, inv_den,
+        np.empty((bsz, 2 * n - 1)), tl_lo, tl_mid, tl_hi, tl_a, inv_den,
     )
     out = np.empty_like(phi)
     chunks = max(1, min(bsz * k, numba.get_num_threads()))
-    _propagate_channels(phi, order.to(torch.int32).numpy(), tl_lo, tl_mid, tl_hi, tl_a, inv_den, out, chunks)
+    scratch = np.empty((chunks, 2, n + 1))
+    _propagate_channels(phi, order.to(torch.int32).numpy(), tl_lo, tl_mid, tl_hi, tl_a, inv_den, out, scratch)
     return torch.from_numpy(out).to(unary.dtype)
 
 

@@ -58,6 +58,15 @@ def run(size: int = 512, k: int = 21, iters: int = 20, kernel_size: int = 5, rep
     ]
 
 
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| method | time (ms) | speed-up vs unfold | x memory floor |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['seconds'] * 1e3:.1f} | {r['speedup_vs_unfold']:.1f}x | {r['ratio_vs_floor']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -69,10 +78,7 @@ def main() -> None:
     rows = run(args.size, args.k, args.iters, args.kernel_size, args.repeats)
     print(f"LP {args.size}x{args.size}, K={args.k}, {args.iters} iters, {args.kernel_size}x{args.kernel_size}, "
           f"{torch.get_num_threads()} torch threads, best of {args.repeats}\n")
-    print("| method | time (ms) | speed-up vs unfold | x memory floor |")
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['method']} | {r['seconds'] * 1e3:.1f} | {r['speedup_vs_unfold']:.1f}x | {r['ratio_vs_floor']:.2f} |")
+    print(to_markdown(rows))
 
 
 if __name__ == "__main__":

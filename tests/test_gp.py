@@ -181,6 +181,21 @@ def test_trees_identical_across_backends_and_mst_is_minimal():
     assert isinstance(tree, Tree) and tree.edges.shape == (2, n - 1, 2) and tree.lo.shape == (2, 2 * n - 1)
 
 
+@pytest.mark.parametrize("kind", ["constant", "scales", "random"])
+def test_cpu_radix_sort_gives_the_torch_tree(kind):
+    """The cpu backend's radix sort of weight bits must order ties and magnitudes like torch.sort(stable=True)."""
+    gen = torch.Generator().manual_seed(21)
+    if kind == "constant":  # every weight 0: every radix pass is skipped
+        guide = torch.full((2, 3, 9, 8), 0.25)
+    elif kind == "scales":  # weights from 1e-12 to 1e6: every digit of the bit pattern varies
+        guide = torch.rand(3, 2, 11, 13, generator=gen) * 10.0 ** torch.randint(-6, 4, (3, 1, 11, 13), generator=gen)
+    else:
+        guide = torch.rand(3, 3, 12, 10, generator=gen)
+    cpu, ref = build_tree(guide, backend="cpu"), build_tree(guide, backend="torch")
+    for field in ["edges", "altitude", "children", "order", "lo", "hi"]:
+        assert torch.equal(getattr(cpu, field), getattr(ref, field)), field
+
+
 # ----------------------------------------------------------------------------------------------
 # properties
 
