@@ -297,6 +297,6 @@ def test_bad_inputs_name_the_argument():
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+    with pytest.raises(ValueError, match="backend 'triton' needs CUDA"):
         build_tree(torch.rand(1, 3, 4, 4), backend="triton")
     assert os.environ["TRITON_INTERPRET"] == "0"

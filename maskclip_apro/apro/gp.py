@@ -13,7 +13,6 @@ the same tree (edges are sorted stably, so ties are broken identically).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,13 +58,15 @@ class Tree:
         return self.edges.device
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    name = check_backend(backend, device)
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def _check_matches(name: str, x: torch.Tensor, tree: Tree) -> None:
+    """`x` (B, ., H, W) lies on the tree's images: same batch, size and device."""
+    if x.shape[0] != tree.batch_size or tuple(x.shape[-2:]) != (tree.height, tree.width):
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got device {device}"
+            f"{name} {tuple(x.shape)} must match the tree's batch and spatial size "
+            f"({tree.batch_size}, ., {tree.height}, {tree.width})"
         )
-    return name
+    if x.device != tree.device:
+        raise ValueError(f"{name} is on {x.device} but the tree is on {tree.device}")
 
 
 def _tree_cpu(src, dst, weight, n: int, height: int, width: int, device: torch.device) -> Tree:
@@ -96,7 +97,7 @@ def _tree_sorted(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: 
 def build_tree(guide: torch.Tensor, *, backend: str = "auto") -> Tree:
     """MST of the 4-connected grid of `guide` (B, C, H, W), edge weight = squared Euclidean distance, and its KRT."""
     check_map("guide", guide)
-    name = _resolve(backend, guide.device)
+    name = check_backend(backend, guide.device)
     bsz, _, h, w = guide.shape
     if name == "cpu":
         g = guide.detach().cpu()
@@ -112,14 +113,8 @@ def build_tree(guide: torch.Tensor, *, backend: str = "auto") -> Tree:
 def reweight(tree: Tree, features: torch.Tensor, *, backend: str = "auto") -> Tree:
     """Same MST topology, weights = squared distances of `features` (B, D, H, W), KRT rebuilt by Kruskal."""
     check_map("features", features)
-    if features.shape[0] != tree.batch_size or tuple(features.shape[-2:]) != (tree.height, tree.width):
-        raise ValueError(
-            f"features {tuple(features.shape)} must match the tree's batch and spatial size "
-            f"({tree.batch_size}, ., {tree.height}, {tree.width})"
-        )
-    if features.device != tree.device:
-        raise ValueError(f"features is on {features.device} but the tree is on {tree.device}")
-    name = _resolve(backend, features.device)
+    _check_matches("features", features, tree)
+    name = check_backend(backend, features.device)
     src, dst = tree.edges[:, :, 0], tree.edges[:, :, 1]
     weight = gp_tree.pair_weights(features, src, dst)
     if name == "cpu":
@@ -139,15 +134,9 @@ def propagate(tree: Tree, unary: torch.Tensor, zeta: float, *, backend: str = "a
     """GP of every channel of `unary` (B, K, H, W) over `tree`; float64 sums, returns unary's dtype."""
     check_map("unary", unary)
     z = check_positive("zeta", zeta)
+    _check_matches("unary", unary, tree)
     bsz, k, h, w = unary.shape
-    if bsz != tree.batch_size or (h, w) != (tree.height, tree.width):
-        raise ValueError(
-            f"unary {tuple(unary.shape)} must match the tree's batch and spatial size "
-            f"({tree.batch_size}, ., {tree.height}, {tree.width})"
-        )
-    if unary.device != tree.device:
-        raise ValueError(f"unary is on {unary.device} but the tree is on {tree.device}")
-    name = _resolve(backend, unary.device)
+    name = check_backend(backend, unary.device)
     dev = torch.device("cpu") if name == "cpu" else unary.device
     parts = (tree.order, tree.lo, tree.hi, tree.children, tree.altitude)
     y = _PROPAGATE[name](unary.reshape(bsz, k, h * w).to(dev), *(p.to(dev) for p in parts), z)
