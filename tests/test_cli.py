@@ -48,7 +48,15 @@ def test_refine_writes_labels_overlays_probs_panels_and_skips_on_rerun(tmp_path,
     assert json.loads((out / "summary.json").read_text())["skipped"] == 2
 
 
-def test_refine_on_the_bundled_samples_with_the_resnet(tmp_path):
+def test_refine_on_the_bundled_samples(tmp_path):
+    summary = refine.run(compose("refine", _overrides(tmp_path, "model=tiny_vit")))
+    assert summary["refined"] == 4
+    assert sorted(p.stem for p in (tmp_path / "out" / "labels").glob("*.png")) == [
+        "astronaut", "chelsea", "coffee", "rocket"
+    ]
+
+
+def test_refine_with_the_resnet_has_no_key_smoothing(tmp_path):
     cfg = compose("refine", _overrides(tmp_path, "model=tiny_resnet", "limit=1", "refine=ks_pd"))
     with pytest.raises(ValueError, match="keys"):
         refine.run(cfg)
@@ -105,3 +113,9 @@ def test_three_line_python_api(tmp_path):
     assert pred.labels.shape == (50, 70) and pred.labels.max() < 3
     assert pred.probs.shape[0] == 3
     assert pred.class_names == ["cat", "dog", "grass"]
+
+
+def test_compare_with_the_resnet_skips_key_smoothing(tmp_path):
+    results = compare.run(compose("compare", _overrides(tmp_path, "model=tiny_resnet", "dataset=synthetic", "limit=1")))
+    assert results["skipped_methods"] == ["+KS", "+KS+PD"]
+    assert "+APro" in results["methods"] and "+KS" not in results["methods"]

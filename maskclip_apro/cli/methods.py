@@ -55,9 +55,13 @@ def _save(path: Path, record: dict) -> None:
 def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path, panels: int = 0) -> dict:
     """mIoU and seconds per image of every method over the dataset; resumable (module doc)."""
     dataset, class_names = open_inputs(cfg)
+    segmenter = Segmenter.from_config(cfg, class_names)
+    skipped = [m for m, steps in methods.items() if "ks" in steps and not segmenter.generator.has_keys]
+    if skipped:
+        print(f"{cfg.model.name} has no attention keys: key smoothing methods skipped: {skipped}")
+        methods = {m: steps for m, steps in methods.items() if m not in skipped}
     names = list(methods)
     tag = fingerprint(cfg, methods)
-    segmenter = Segmenter.from_config(cfg, class_names)
     chains = {m: Chain.from_steps(steps, cfg.refine) for m, steps in methods.items()}
     palette = voc_palette(256)
     k = len(class_names)
@@ -98,6 +102,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
     return {
         "images": len(dataset),
         "reused": reused,
+        "skipped_methods": skipped,
         "classes": class_names,
         "generator_seconds_per_image": generator_seconds / n,
         "methods": {

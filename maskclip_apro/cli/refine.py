@@ -40,9 +40,8 @@ def run(cfg: DictConfig) -> dict:
     palette = voc_palette(256)
     chains = {"main": segmenter.refiner}
     if cfg.panel:
-        keys_available = getattr(segmenter.generator, "has_keys", True)
         for title, steps in PANEL_STEPS.items():
-            if "ks" in steps and not keys_available:
+            if "ks" in steps and not segmenter.generator.has_keys:
                 continue
             chains[title] = Chain.from_steps(steps, cfg.refine)
     matrix = ConfusionMatrix(len(class_names), ignore_index=dataset.ignore_index)

@@ -112,6 +112,11 @@ class MaskCLIPGenerator(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
+    @property
+    def has_keys(self) -> bool:
+        """Whether outputs carry last-block keys (ViT), which key smoothing needs."""
+        return bool(self.backbone.provides_keys)
+
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """Short-side resize (bilinear, antialiased) to the patch-aligned size; unchanged if already there."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:

@@ -31,6 +31,8 @@ def attnpool_dense(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
 class ResNetDense(nn.Module):
     """(B, 3, H, W) normalised image -> features (B, D, H/32, W/32) (not normalised), keys None."""
 
+    provides_keys = False
+
     def __init__(self, visual: ModifiedResNet) -> None:
         super().__init__()
         if not isinstance(getattr(visual, "attnpool", None), AttentionPool2d):

@@ -31,6 +31,8 @@ def interpolate_pos_embed(pos: torch.Tensor, native: tuple[int, int], grid: tupl
 class ViTDense(nn.Module):
     """(B, 3, H, W) normalised image -> features (B, D, H/p, W/p) (not normalised), keys (B, C, H/p, W/p)."""
 
+    provides_keys = True
+
     def __init__(self, visual: VisionTransformer) -> None:
         super().__init__()
         if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
