@@ -23,8 +23,10 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from ..data.io import atomic_write
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
@@ -33,31 +35,16 @@ LATEST = "latest.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a text file all-or-nothing (temporary file in the same folder, then rename)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
-    """save_file to a temporary name in the same folder, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A safetensors file written all-or-nothing."""
+    payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(payload)
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:

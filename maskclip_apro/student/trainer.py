@@ -103,7 +103,6 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, generator: Optional[Callable] = None, info: Optional[DistInfo] = None):
         self.cfg = cfg
-        torch.manual_seed(int(cfg.seed))  # before the teacher: tiny test generators have random weights
         self.info = info or init_distributed(str(cfg.device))
         self.device = self.info.device
         self.out = Path(_shared_output_dir(str(cfg.output_dir), self.info))
@@ -130,7 +129,7 @@ class Trainer:
             raise ValueError("target.mode=offline needs target.offline_dir (a folder of <name>.png pseudo labels)")
         self.teacher = None if self.mode == "offline" else self._build_teacher(generator)
 
-        torch.manual_seed(int(cfg.seed))
+        torch.manual_seed(int(cfg.seed))  # the student's random initialisation
         s = cfg.student
         self.model = DeepLabV2(
             self.num_classes,
