@@ -118,7 +118,10 @@ class Segmenter:
         The guidance image is the input at its own resolution (not the generator's resized
         copy): refiners that work in image space choose their resolution from it.
         """
-        probs = torch.softmax(out.logits.float(), dim=1)
+        logits = out.logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("the generator produced NaN or inf class scores; check the model weights (model.pretrained)")
+        probs = torch.softmax(logits, dim=1)
         return probs, Guidance(image=image, keys=out.keys, features=out.features)
 
     @torch.no_grad()

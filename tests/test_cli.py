@@ -119,3 +119,13 @@ def test_compare_with_the_resnet_skips_key_smoothing(tmp_path):
     results = compare.run(compose("compare", _overrides(tmp_path, "model=tiny_resnet", "dataset=synthetic", "limit=1")))
     assert results["skipped_methods"] == ["+KS", "+KS+PD"]
     assert "+APro" in results["methods"] and "+KS" not in results["methods"]
+
+
+def test_non_finite_class_scores_are_a_clear_error():
+    from types import SimpleNamespace
+
+    import torch
+
+    out = SimpleNamespace(logits=torch.tensor([[[[0.0]], [[float("nan")]]]]), keys=None, features=None)
+    with pytest.raises(ValueError, match="NaN or inf class scores"):
+        Segmenter.probabilities(out, torch.zeros(1, 3, 1, 1))
