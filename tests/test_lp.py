@@ -152,6 +152,29 @@ def test_cpu_route_batch_and_many_channels_match_reference():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_cpu_routes_from_image_and_from_weights_match_reference(dtype, tol):
+    """lp_cpu_image (numba weights, symmetric exps) and lp_cpu against lp_torch on lp_weights, several sizes.
+
+    Two channels (the fewest padded lanes) under a 5x5 window need more scratch for the
+    forward affinities than the ping-pong buffers hold; the shrinking and growing sizes reuse
+    the per-thread workspace.
+    """
+    for seed, (b, k_ch, h, w) in enumerate([(1, 2, 40, 37), (2, 3, 9, 11), (1, 9, 31, 20)]):
+        unary, image = rand(b, k_ch, h, w, seed=seed, dtype=dtype), rand(b, 3, h, w, seed=seed + 10, dtype=dtype)
+        weights = klp.lp_weights(image, 0.3, 5)
+        ref = klp.lp_torch(unary, weights, 3)
+        torch.testing.assert_close(klp.lp_cpu(unary, weights, 3), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(klp.lp_cpu_image(unary, image, 0.3, 5, 3), ref, rtol=tol, atol=tol)
+
+
+def test_cpu_window_larger_than_image_and_inputs_that_require_grad():
+    unary, image = rand(1, 3, 2, 3, seed=22), rand(1, 3, 2, 3, seed=23)
+    ref = local_propagation(unary, image, kernel_size=7, zeta_s=0.5, iters=2, backend="torch")
+    out = klp.lp_cpu_image(unary.requires_grad_(), image.requires_grad_(), 0.5, 7, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input
 

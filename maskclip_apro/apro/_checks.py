@@ -21,7 +21,7 @@ def check_map(name: str, x, ndim: int = 4) -> torch.Tensor:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    lo, hi = torch.aminmax(x)  # NaN and inf reach the min or max; 10x cheaper than isfinite().all()
+    lo, hi = torch.aminmax(x.detach())  # NaN and inf reach the min or max; 10x cheaper than isfinite().all()
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise ValueError(f"{name} contains NaN or inf values")
     return x

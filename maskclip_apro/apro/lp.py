@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from maskclip_apro.apro._checks import check_backend, check_map, check_pair, check_positive
-from maskclip_apro.kernels.lp import lp_cpu, lp_torch, lp_triton, lp_weights
+from maskclip_apro.kernels.lp import lp_cpu_image, lp_torch, lp_triton, lp_weights
 
-_ROUTES = {"torch": lp_torch, "cpu": lp_cpu, "triton": lp_triton}
+_ROUTES = {"torch": lp_torch, "triton": lp_triton}
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -45,6 +45,9 @@ def local_propagation(
     if route == "cpu" and unary.device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {unary.device}")
     dtype = torch.float64 if torch.float64 in (unary.dtype, image.dtype) else torch.float32
-    weights = lp_weights(image.to(dtype), zeta_s, kernel_size)
-    out = _ROUTES[route](unary.to(dtype), weights, iters)
+    y, im = unary.to(dtype), image.to(dtype)
+    if route == "cpu":
+        out = lp_cpu_image(y, im, zeta_s, kernel_size, iters)
+    else:
+        out = _ROUTES[route](y, lp_weights(im, zeta_s, kernel_size), iters)
     return out.to(unary.dtype)
