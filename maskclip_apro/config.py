@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +21,24 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """A command-line entry point: `run` under Hydra, with bad input reported as one line.
+
+    A ValueError or FileNotFoundError (bad config value, missing file, corrupt image) ends the
+    program with "error: <message>" and exit status 1 instead of a traceback.
+    """
+    import hydra
+
+    def task(cfg: DictConfig) -> Any:
+        try:
+            return run(cfg)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"error: {error}") from None
+
+    task.__name__ = run.__module__.rsplit(".", 1)[-1]
+    return hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import CONF_DIR
+from ..config import hydra_app
 from ..data.io import atomic_write
 from .common import resolved, write_json
 from .methods import methods_table, run_methods
@@ -29,7 +28,7 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-main = hydra.main(config_path=CONF_DIR, config_name="compare", version_base="1.3")(run)
+main = hydra_app("compare", run)
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR, refine_steps
+from ..config import hydra_app, refine_steps
 from ..evaluation import format_table
 from .common import resolved, write_json
 from .methods import methods_table, run_methods
@@ -35,7 +34,7 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-main = hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")(run)
+main = hydra_app("evaluate", run)
 
 if __name__ == "__main__":
     main()

@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ..config import CONF_DIR
+from ..config import hydra_app
 from ..data.io import atomic_write, load_label, save_label_png, save_overlay
 from ..data.palette import voc_palette
 from ..evaluation import ConfusionMatrix, format_table
@@ -90,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-main = hydra.main(config_path=CONF_DIR, config_name="refine", version_base="1.3")(run)
+main = hydra_app("refine", run)
 
 if __name__ == "__main__":
     main()

@@ -7,10 +7,9 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from ..config import CONF_DIR
+from ..config import hydra_app
 from ..student.distributed import init_distributed, shutdown
 from ..student.trainer import Trainer
 
@@ -24,7 +23,7 @@ def run(cfg: DictConfig) -> list[float]:
         shutdown(info)
 
 
-main = hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")(run)
+main = hydra_app("train", run)
 
 if __name__ == "__main__":
     main()
