@@ -129,3 +129,19 @@ def test_non_finite_class_scores_are_a_clear_error():
     out = SimpleNamespace(logits=torch.tensor([[[[0.0]], [[float("nan")]]]]), keys=None, features=None)
     with pytest.raises(ValueError, match="NaN or inf class scores"):
         Segmenter.probabilities(out, torch.zeros(1, 3, 1, 1))
+
+
+def test_the_command_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "refine.py"
+    missing = tmp_path / "nowhere"
+    done = subprocess.run(
+        [sys.executable, str(script), "model=tiny_vit", f"input={missing}", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"error: image folder or file not found: '{missing}' does not exist"
+    assert "Traceback" not in done.stderr
