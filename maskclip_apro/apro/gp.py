@@ -97,7 +97,10 @@ def _tree_sorted(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: 
 def build_tree(guide: torch.Tensor, *, backend: str = "auto") -> Tree:
     """MST of the 4-connected grid of `guide` (B, C, H, W), edge weight = squared Euclidean distance, and its KRT."""
     check_map("guide", guide)
-    name = check_backend(backend, guide.device)
+    return _build_tree(guide, check_backend(backend, guide.device))
+
+
+def _build_tree(guide: torch.Tensor, name: str) -> Tree:
     bsz, _, h, w = guide.shape
     if name == "cpu":
         g = guide.detach().cpu()
@@ -135,18 +138,22 @@ def propagate(tree: Tree, unary: torch.Tensor, zeta: float, *, backend: str = "a
     check_map("unary", unary)
     z = check_positive("zeta", zeta)
     _check_matches("unary", unary, tree)
+    return _propagate(tree, unary, z, check_backend(backend, unary.device))
+
+
+def _propagate(tree: Tree, unary: torch.Tensor, zeta: float, name: str) -> torch.Tensor:
     bsz, k, h, w = unary.shape
-    name = check_backend(backend, unary.device)
     dev = torch.device("cpu") if name == "cpu" else unary.device
     parts = (tree.order, tree.lo, tree.hi, tree.children, tree.altitude)
-    y = _PROPAGATE[name](unary.reshape(bsz, k, h * w).to(dev), *(p.to(dev) for p in parts), z)
+    y = _PROPAGATE[name](unary.reshape(bsz, k, h * w).to(dev), *(p.to(dev) for p in parts), zeta)
     return y.reshape(bsz, k, h, w).to(unary.device)
 
 
 def global_propagation(unary: torch.Tensor, guide: torch.Tensor, zeta: float, *, backend: str = "auto") -> torch.Tensor:
-    """`propagate(build_tree(guide), unary, zeta)` after checking that unary and guide match."""
+    """`propagate(build_tree(guide), unary, zeta)`, each input checked once."""
     check_map("unary", unary)
     check_map("guide", guide)
     check_pair("unary", unary, "guide", guide)
-    check_positive("zeta", zeta)
-    return propagate(build_tree(guide, backend=backend), unary, zeta, backend=backend)
+    z = check_positive("zeta", zeta)
+    name = check_backend(backend, unary.device)
+    return _propagate(_build_tree(guide, name), unary, z, name)
