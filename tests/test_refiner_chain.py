@@ -54,13 +54,27 @@ def test_second_pass_on_features_needs_features():
 
 
 def test_second_pass_reweights_the_same_tree():
+    from maskclip_apro.apro import build_tree, propagate, reweight
+
     probs, guidance = _case(seed=3)
     feats = torch.randn(1, 8, 6, 5, generator=torch.Generator().manual_seed(4))
-    out = APro(mode="gp", second_pass="features", zeta_h=0.7, backend="torch", guide_long_side=None)(
-        probs, Guidance(image=guidance.image, features=feats)
+    refiner = APro(mode="gp", second_pass="features", zeta_g=0.2, zeta_h=0.7, backend="torch", guide_long_side=None)
+    out = refiner(probs, Guidance(image=guidance.image, features=feats))
+    high = torch.nn.functional.normalize(
+        torch.nn.functional.interpolate(feats, size=(12, 10), mode="bilinear", align_corners=False), dim=1
     )
-    assert out.shape == probs.shape
+    expected = propagate(reweight(build_tree(guidance.image, backend="torch"), high), probs, 0.7, backend="torch")
+    torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 12, 10), rtol=1e-5, atol=1e-5)
+
+    pass1 = propagate(build_tree(guidance.image, backend="torch"), probs, 0.2, backend="torch")
+    tree2 = reweight(build_tree(guidance.image, backend="torch"), pass1)
+    torch.testing.assert_close(
+        APro(mode="gp", second_pass="output", zeta_g=0.2, zeta_h=0.7, backend="torch", guide_long_side=None)(
+            probs, guidance
+        ),
+        propagate(tree2, probs, 0.7, backend="torch"),
+    )
 
 
 def test_chain_applies_steps_in_order_and_times_them():
