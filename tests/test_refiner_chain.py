@@ -63,17 +63,17 @@ def test_second_pass_reweights_the_same_tree():
     high = torch.nn.functional.normalize(
         torch.nn.functional.interpolate(feats, size=(12, 10), mode="bilinear", align_corners=False), dim=1
     )
-    expected = propagate(reweight(build_tree(guidance.image, backend="torch"), high), probs, 0.7, backend="torch")
+    pass1 = propagate(build_tree(guidance.image, backend="torch"), probs, 0.2, backend="torch")
+    expected = propagate(reweight(build_tree(guidance.image, backend="torch"), high), pass1, 0.7, backend="torch")
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 12, 10), rtol=1e-5, atol=1e-5)
 
-    pass1 = propagate(build_tree(guidance.image, backend="torch"), probs, 0.2, backend="torch")
     tree2 = reweight(build_tree(guidance.image, backend="torch"), pass1)
     torch.testing.assert_close(
         APro(mode="gp", second_pass="output", zeta_g=0.2, zeta_h=0.7, backend="torch", guide_long_side=None)(
             probs, guidance
         ),
-        propagate(tree2, probs, 0.7, backend="torch"),
+        propagate(tree2, pass1, 0.7, backend="torch"),
     )
 
 

@@ -28,8 +28,9 @@ class APro:
     its long side capped at `guide_long_side`. `mode` picks the combination:
     "parallel" = mean(GP(P), LP(P)) (the training-free default), "gp", "lp", or the
     cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)).
-    `second_pass` re-runs GP on the same tree with edge weights from high-level guidance:
-    "features" (the CLIP dense features) or "output" (the pass-1 result), with `zeta_h`.
+    `second_pass` propagates the pass-1 result again over the same tree topology with edge
+    weights from high-level guidance, as the official code's two passes do: "features" (the CLIP
+    dense features, L2-normalised) or "output" (the pass-1 result itself), with `zeta_h`.
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class APro:
             high = F.normalize(high, dim=1)
         else:
             high = out
-        return propagate(reweight(tree, high), probs, self.zeta_h, backend=self.backend)
+        return propagate(reweight(tree, high), out, self.zeta_h, backend=self.backend)
 
     def _lp(self, probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return local_propagation(
