@@ -76,6 +76,7 @@ class LabelledBy:
 
     ignore_index: int = IGNORE_INDEX
     class_names: list[str]
+    img_scale: tuple[int, int] | None = None  # standard keep-ratio scale [long, short] (maskclip_apro.geometry)
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..geometry import check_img_scale
 from .cocostuff import COCOStuffDataset
 from .context import PascalContextDataset
 from .folder import FolderDataset, ImagesDataset
@@ -32,15 +33,18 @@ _EXTRA_KWARGS: dict[str, tuple[str, ...]] = {
 DATASET_NAMES = ("synthetic", *_BUILDERS)
 
 
-def build_dataset(name: str, root: str | Path | list | None = None, split: str = "val", **kwargs: Any):
+def build_dataset(
+    name: str, root: str | Path | list | None = None, split: str = "val", img_scale: Any = None, **kwargs: Any
+):
     """A dataset by name: synthetic, voc21, voc20, context59, context60, cocostuff171,
     folder (images + label PNGs + class file) or images (a folder, one image or a list of
     image files; no labels).
 
     kwargs: limit (first N samples) for all; label_dir for voc21/voc20; classes for
     folder/images; num_images, size, seed, ignore_boundary for synthetic. split is
-    ignored by folder and images. Returns an object with len(), [i] -> Sample,
-    class_names, num_classes, ignore_index and has_background.
+    ignored by folder and images. img_scale: the dataset's standard keep-ratio scale
+    [long, short] (see maskclip_apro.geometry), or None. Returns an object with len(),
+    [i] -> Sample, class_names, num_classes, ignore_index, has_background and img_scale.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")
@@ -48,10 +52,14 @@ def build_dataset(name: str, root: str | Path | list | None = None, split: str =
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"dataset {name!r} does not take {unknown}; it takes root, split and {list(allowed)}")
+    scale = None if img_scale is None else check_img_scale(img_scale, "dataset.img_scale")
     if name == "synthetic":
         if root is not None:
             raise ValueError(f"dataset 'synthetic' is generated in memory and takes no root, got {root!r}")
-        return SyntheticDataset(split=split, **kwargs)
-    if root is None or str(root) == "":
+        dataset = SyntheticDataset(split=split, **kwargs)
+    elif root is None or str(root) == "":
         raise ValueError(f"dataset {name!r} needs a root path (dataset.root=...)")
-    return _BUILDERS[name](root, split, **kwargs)
+    else:
+        dataset = _BUILDERS[name](root, split, **kwargs)
+    dataset.img_scale = scale
+    return dataset
