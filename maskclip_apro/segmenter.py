@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.io import load_image
 from .refiners import Chain, Guidance
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -32,47 +33,121 @@ class Prediction:
     times: dict[str, float] = field(default_factory=dict)
 
 
-def to_array(image: ImageLike) -> np.ndarray:
-    """Any accepted image to uint8 (H, W, 3) RGB, with the loader's conversions and errors."""
-    from .data.io import load_image
-
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGBA").convert("RGB") if "A" in image.mode else image.convert("RGB")
-        return np.asarray(image)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise ValueError(f"image array must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-        return image[..., :3]
-    raise ValueError(f"image must be a path, PIL image or uint8 array, got {type(image).__name__}")
-
-
 def to_tensor(image: np.ndarray, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """uint8 (H, W, 3) to float (1, 3, H, W) in [0, 1]."""
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
 
 
-def labels_at(probs: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> torch.Tensor:
-    """argmax over classes of the bilinearly upsampled probabilities (B, K, h, w) -> (B, H, W).
+def _bilinear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Source indices (i0, i1) and weights (w0, w1) of bilinear resampling along one axis.
 
-    Classes are upsampled `chunk` at a time so that K = 171 at full resolution stays small.
+    The rule of F.interpolate(mode="bilinear", align_corners=False): output pixel j samples the
+    input at (j + 0.5) * n_in / n_out - 0.5, clamped to the first and last input pixel.
     """
-    best_val = best_idx = None
-    for start in range(0, probs.shape[1], chunk):
-        part = F.interpolate(probs[:, start : start + chunk].float(), size=size, mode="bilinear", align_corners=False)
-        val, idx = part.max(dim=1)
-        idx += start
-        if best_val is None:
-            best_val, best_idx = val, idx
-        else:
-            better = val > best_val
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx, best_idx)
-    return best_idx
+    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=n_in - 1)
+    i1 = (i0 + 1).clamp_(max=n_in - 1)
+    w1 = (src - i0).clamp_(0, 1).float()
+    return i0, i1, 1 - w1, w1
+
+
+_TIE_MARGIN = 1e-5  # relative to the cell's largest value; float32 rounding of the interpolation is < 1e-6
+
+
+def labels_at(probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 20) -> torch.Tensor:
+    """argmax over classes of the bilinearly upsampled probabilities (B, K, h, w) -> (B, H, W) int64.
+
+    Memory stays O(K*h*w + H*W), never O(K*H*W) (a 6000 x 4000 photo with 171 classes would
+    need 16 GB of upsampled maps). Each output pixel lies in a cell of four neighbouring input
+    pixels and its value for a class is a convex combination of the class's four corner values,
+    so classes that cannot win anywhere in a cell are known from the corners (_cell_candidates).
+    A cell with one possible winner gives its label directly; in the other cells only the
+    possible winners are interpolated, in chunks of about `tile_elements` values. Each value is
+    computed by the same per-pixel arithmetic however the work is split, so the labels do not
+    depend on the chunking; they agree with the argmax of F.interpolate(mode="bilinear",
+    align_corners=False) up to float rounding, which can only matter at exact ties (ties go to
+    the lowest class index).
+    """
+    if probs.ndim != 4:
+        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
+    b, k, h, w = probs.shape
+    height, width = int(size[0]), int(size[1])
+    probs = probs.float()
+    device = probs.device
+    y0, y1, wy0, wy1 = _bilinear_taps(h, height, device)
+    x0, x1, wx0, wx1 = _bilinear_taps(w, width, device)
+    labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
+    band = max(1, tile_elements // max(1, width))
+    for i in range(b):
+        winner, row, table, count = _cell_candidates(probs[i])
+        values = probs[i].permute(1, 2, 0).reshape(-1)  # class c of input pixel p at p * K + c
+        for top in range(0, height, band):
+            gy = torch.arange(top, min(height, top + band), device=device)
+            cells = y0[gy, None] * w + x0[None, :]  # (band, W): the cell of every output pixel
+            band_labels = winner[cells]
+            rows = row[cells]
+            ys, xs = (rows >= 0).nonzero(as_tuple=True)
+            rows = rows[ys, xs]
+            order = count[rows].argsort()  # fewest candidates first: chunks of similar width
+            ys, xs, rows = ys[order], xs[order], rows[order]
+            widths = count[rows]
+            start = 0
+            while start < rows.numel():
+                end = min(rows.numel(), start + max(1, tile_elements // int(widths[start])))
+                end = min(end, start + max(1, tile_elements // int(widths[end - 1])))
+                yy, xx, rr = ys[start:end], xs[start:end], rows[start:end]
+                ids = table[rr, : int(widths[end - 1])]  # (n, C): the possible winners, ascending
+                start = end
+                ry = gy[yy]
+                r0, r1, c0, c1 = y0[ry, None] * w, y1[ry, None] * w, x0[xx, None], x1[xx, None]
+                a, b_ = wx0[xx, None], wx1[xx, None]
+                upper = values[(r0 + c0) * k + ids] * a + values[(r0 + c1) * k + ids] * b_
+                lower = values[(r1 + c0) * k + ids] * a + values[(r1 + c1) * k + ids] * b_
+                interpolated = upper * wy0[ry, None] + lower * wy1[ry, None]
+                best = interpolated.amax(dim=1, keepdim=True)
+                band_labels[yy, xx] = torch.where(interpolated == best, ids, k).amin(dim=1)
+            labels[i, top : top + len(gy)] = band_labels
+    return labels
+
+
+def _cell_candidates(probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Which classes can win inside each cell of input pixels (rows i, i+1; columns j, j+1; the
+    last row and column repeated), for probs (K, h, w).
+
+    Anywhere in a cell the winner's value is at least `floor`: the best smallest corner of one
+    class, or of the mean of the two or three classes with the largest corners (the winner
+    beats their mean), which is what makes a boundary between two regions cheap. A class whose
+    largest corner is below floor (less a rounding margin) cannot win there. Returns, per cell
+    (flattened i * w + j): the first possible winner (h*w,), the row of the cell in `table`
+    (-1 for cells with a single possible winner), and for the other cells the possible winners
+    (m, C) in ascending order (padded with the first) and their number (m,).
+    """
+    k, h, w = probs.shape
+    padded = F.pad(probs[None], (0, 1, 0, 1), mode="replicate")[0]
+    corners = (padded[:, :-1, :-1], padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:])
+    low = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
+    high = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    floor = low.amax(dim=0)
+    margin = _TIE_MARGIN * torch.maximum(low.abs(), high.abs()).amax(dim=0)
+    del low
+    leaders = high.topk(min(3, k), dim=0).indices
+    sums = [torch.zeros((h, w), device=probs.device) for _ in corners]
+    for m in range(leaders.shape[0]):
+        for s, corner in zip(sums, corners):
+            s += corner.gather(0, leaders[m : m + 1])[0]
+        floor = torch.maximum(floor, torch.minimum(torch.minimum(sums[0], sums[1]), torch.minimum(sums[2], sums[3])) / (m + 1))
+    possible = (high >= floor - margin).reshape(k, h * w)
+    del high, padded, corners, sums
+    winner = possible.to(torch.uint8).argmax(dim=0)
+    count = possible.sum(dim=0)
+    contested = (count > 1).nonzero()[:, 0]
+    row = torch.full((h * w,), -1, dtype=torch.int64, device=probs.device)
+    row[contested] = torch.arange(contested.numel(), device=probs.device)
+    width = int(count[contested].max()) if contested.numel() else 1
+    ids = torch.arange(k, device=probs.device)[:, None]
+    table = torch.where(possible[:, contested], ids, k).sort(dim=0).values[:width].t()
+    table = torch.where(table == k, table[:, :1], table).contiguous()
+    return winner, row, table, count[contested]
 
 
 class Segmenter:
@@ -129,7 +204,7 @@ class Segmenter:
         self, image: ImageLike, chains: Mapping[str, Chain], keep_probs: bool = True
     ) -> dict[str, Prediction]:
         """Run the generator once and every chain on the same unary (the compare table's protocol)."""
-        array = to_array(image)
+        array = load_image(image)
         device = getattr(self.generator, "device", "cpu")
         image_tensor = to_tensor(array, device)
         start = time.perf_counter()
