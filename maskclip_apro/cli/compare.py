@@ -5,26 +5,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import hydra_app
-from ..data.io import atomic_write
-from .common import resolved, write_json
+from ..data.io import atomic_write, output_path
+from .common import prepare, resolved, write_json
 from .methods import methods_table, run_methods
+from .reuse import ReuseLog
 
 
 def run(cfg: DictConfig) -> dict:
     """Score every method in cfg.methods; writes table.md and results.json to cfg.output_dir."""
-    out = Path(cfg.output_dir)
+    out = prepare(cfg, "compare")
     methods = OmegaConf.to_container(cfg.methods, resolve=True)
     results = run_methods(cfg, methods, out, panels=cfg.panels)
     table = methods_table(results)
     print(table)
-    with atomic_write(out / "table.md", "w", encoding="utf-8") as f:
+    with atomic_write(output_path(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    write_json(out / "results.json", {**results, "config": resolved(cfg)})
+    write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
+    print(f"per-image records: {ReuseLog.describe(results)}")
     return results
 
 

@@ -217,4 +217,5 @@ def build_generator(
         backbone, classifier, display, mean, std,
         logit_scale=logit_scale, mode=mode, short_side=short_side, window=window, stride=stride,
     )
+    gen.identity = identity  # which weights: saved results made with other weights are not reused
     return gen.to(device).eval()
