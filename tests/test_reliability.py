@@ -254,3 +254,52 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "refine interrupted (Ctrl-C); every file already written is complete"
     assert not list(labels.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "command, override, message",
+    [
+        ("refine", "save_probs=n", "save_probs='n' is not valid: save_probs takes true or false"),
+        ("refine", "panel=off", "panel='off' is not valid: panel takes true or false"),
+        ("refine", "overwrite=1", "overwrite=1 is not valid: overwrite takes true or false"),
+        ("refine", "overlay_alpha=2", "overlay_alpha=2 is not valid: overlay_alpha takes a number >= 0 and <= 1"),
+        ("refine", "on_error=ignore", "on_error='ignore' is not valid: on_error takes skip or stop"),
+        ("refine", "limit=0", "limit=0 is not valid: limit takes an integer >= 1, or null"),
+        ("refine", "max_image_pixels=-5", "max_image_pixels=-5 is not valid"),
+        ("evaluate", "generator.mode=tiles", "generator.mode='tiles' is not valid: generator.mode takes slide or whole"),
+        ("evaluate", "+refine.pamr.dilation=3", "refine.pamr.dilation is not a parameter of the pamr refiner; "
+                                                "it takes dilations, iters"),
+        ("evaluate", "device=cuda:x", "device='cuda:x' is not a device"),
+        ("compare", "panels=yes", "panels='yes' is not valid: panels takes an integer >= 0"),
+        ("compare", "methods.MaskCLIP=[apro,crf]", r"methods.MaskCLIP=\['apro', 'crf'\] is not valid: a method is a list"),
+        ("train", "amp=no", "amp='no' is not valid: amp takes true or false"),
+        ("train", "+target.apro.zeta=1", "target.apro.zeta is not a parameter of the apro refiner"),
+        ("train", "device=gpu", "device='gpu' is not a device: device takes auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_wrong_types_and_unknown_refiner_parameters_name_the_key(command, override, message):
+    from maskclip_apro.schema import check_config
+
+    cfg = compose(command, ["model=tiny_vit", override])
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg, command)
+
+
+def test_the_shipped_configs_pass_the_checks():
+    from maskclip_apro.schema import check_config
+
+    for command in ("refine", "evaluate", "compare", "train"):
+        check_config(compose(command, ["dataset=synthetic"] if command == "train" else []), command)
+
+
+def test_the_pixel_limit_of_a_run_applies_to_its_images(tmp_path, labelled):
+    from maskclip_apro.data.io import set_max_image_pixels
+
+    try:
+        summary = refine.run(compose("refine", _args(tmp_path, f"input={labelled / 'images'}", "max_image_pixels=2240")))
+        assert summary["refined"] == 2  # 40 x 56 = 2240 pixels: at the limit
+        _write_image(labelled / "images" / "c.png", 3, size=(48, 56))
+        summary = refine.run(compose("refine", _args(tmp_path, f"input={labelled / 'images'}", "max_image_pixels=2240")))
+    finally:
+        set_max_image_pixels(None)
+    assert [f["name"] for f in summary["failed"]] == ["c"] and "over the limit of 2,240" in summary["failed"][0]["error"]

@@ -57,9 +57,9 @@ def _save(path: Path, record: dict) -> None:
 def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path, panels: int = 0) -> dict:
     """mIoU and seconds per image of every method over the dataset; resumable (module doc).
 
-    An input that cannot be read (missing, corrupt, too large, bad label values) stops the run
-    (on_error=stop) or is skipped and listed under "failed" (on_error=skip); metrics are then
-    over the images that ran. Errors of the model or refiners always stop the run.
+    An image that cannot be read or segmented (missing, corrupt, too large or too small, bad
+    label values) stops the run (on_error=stop) or is skipped and listed under "failed"
+    (on_error=skip); metrics are then over the images that ran.
     """
     dataset, class_names = open_inputs(cfg)
     segmenter = Segmenter.from_config(cfg, class_names)
@@ -86,13 +86,14 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
             key = keys.of(source)
             path = output_path(out, "per_image", f"{name}.npz")
             record, reason = _load(path, key, names)
-            sample = dataset[i] if record is None else None
+            if record is None:
+                record, panel = _compute(segmenter, chains, dataset[i], names, k, dataset.ignore_index, warmed,
+                                         i < panels)
+                warmed = True
         except (ValueError, FileNotFoundError) as error:
             failures.add(name, error)
             continue
-        if record is None:
-            record, panel = _compute(segmenter, chains, sample, names, k, dataset.ignore_index, warmed, i < panels)
-            warmed = True
+        if reason is not None:
             record["key"] = np.array(json.dumps(key))
             if panel is not None:
                 save_rgb(output_path(out, "panels", f"{name}.png"), panel)

@@ -71,9 +71,9 @@ def _reuse_reason(record: Path, key: dict, outputs: dict[str, Path]) -> str | No
 def run(cfg: DictConfig) -> dict:
     """Refine every input image; returns the summary it also writes to output_dir/summary.json.
 
-    An input that cannot be read (missing, corrupt, too large, bad label values) is skipped and
-    listed under "failed" (on_error=skip, the default here) or stops the run (on_error=stop).
-    Errors of the model or refiners always stop the run: they are not about one file.
+    An image that cannot be read or segmented (missing, corrupt, too large or too small, bad
+    label values) is skipped and listed under "failed" (on_error=skip, the default here) or
+    stops the run (on_error=stop); a run where every image fails is an error either way.
     """
     out = prepare(cfg, "refine")
     dataset, class_names = open_inputs(cfg)
@@ -102,14 +102,16 @@ def run(cfg: DictConfig) -> dict:
             record = output_path(out, "records", f"{name}.json")
             reason = "overwrite" if cfg.overwrite else _reuse_reason(record, key, outputs)
             sample = dataset[i] if reason is not None or source.label is not None else None
-            labels = load_label(outputs["label"]) if reason is None and sample is not None else None
+            if reason is None:
+                labels = load_label(outputs["label"]) if sample is not None else None
+            else:
+                preds = segmenter.predict_many(sample.image, chains, keep_probs=cfg.save_probs)
+                labels = preds["main"].labels
         except (ValueError, FileNotFoundError) as error:
             failures.add(name, error)
             continue
         log.add(reason)
         if reason is not None:
-            preds = segmenter.predict_many(sample.image, chains, keep_probs=cfg.save_probs)
-            labels = preds["main"].labels
             times.append(preds["main"].times)
             _write(outputs, sample.image, preds, palette, cfg, sample.label)
             files = {kind: file_fingerprint(path) for kind, path in outputs.items()}
