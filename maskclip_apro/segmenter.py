@@ -54,100 +54,87 @@ def _bilinear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.T
 _TIE_MARGIN = 1e-5  # relative to the cell's largest value; float32 rounding of the interpolation is < 1e-6
 
 
-def labels_at(probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 20) -> torch.Tensor:
+def labels_at(probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 18) -> torch.Tensor:
     """argmax over classes of the bilinearly upsampled probabilities (B, K, h, w) -> (B, H, W) int64.
 
-    Memory stays O(K*h*w + H*W), never O(K*H*W) (a 6000 x 4000 photo with 171 classes would
-    need 16 GB of upsampled maps). Each output pixel lies in a cell of four neighbouring input
-    pixels and its value for a class is a convex combination of the class's four corner values,
-    so classes that cannot win anywhere in a cell are known from the corners (_cell_candidates).
-    A cell with one possible winner gives its label directly; in the other cells only the
-    possible winners are interpolated, in chunks of about `tile_elements` values. Each value is
-    computed by the same per-pixel arithmetic however the work is split, so the labels do not
-    depend on the chunking; they agree with the argmax of F.interpolate(mode="bilinear",
-    align_corners=False) up to float rounding, which can only matter at exact ties (ties go to
-    the lowest class index).
+    Memory stays O(H*W) beside the input, never O(K*H*W) (a 6000 x 4000 photo with 171 classes
+    would need 16 GB of upsampled maps): the output is made tile by tile, `tile_elements` pixels
+    at a time, one class at a time with a running maximum. Only the classes that can win
+    somewhere in the tile are interpolated (_possible_classes); a tile with one possible winner
+    is filled with it. Each value is computed by the same per-pixel arithmetic whatever the
+    tiling (the two input rows interpolated along W, then the two results along H), so the
+    labels do not depend on the tile size; they agree with the argmax of
+    F.interpolate(mode="bilinear", align_corners=False) up to float rounding, which can only
+    matter at exact ties (ties go to the lowest class index).
     """
     if probs.ndim != 4:
         raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
     b, k, h, w = probs.shape
     height, width = int(size[0]), int(size[1])
     probs = probs.float()
-    device = probs.device
-    y0, y1, wy0, wy1 = _bilinear_taps(h, height, device)
-    x0, x1, wx0, wx1 = _bilinear_taps(w, width, device)
-    labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
-    band = max(1, tile_elements // max(1, width))
+    y0, y1, wy0, wy1 = _bilinear_taps(h, height, probs.device)
+    x0, x1, wx0, wx1 = _bilinear_taps(w, width, probs.device)
+    labels = torch.empty((b, height, width), dtype=torch.int64, device=probs.device)
+    tile_w = min(width, 1024)
+    tile_h = max(1, tile_elements // tile_w)
     for i in range(b):
-        winner, row, table, count = _cell_candidates(probs[i])
-        values = probs[i].permute(1, 2, 0).reshape(-1)  # class c of input pixel p at p * K + c
-        for top in range(0, height, band):
-            gy = torch.arange(top, min(height, top + band), device=device)
-            cells = y0[gy, None] * w + x0[None, :]  # (band, W): the cell of every output pixel
-            band_labels = winner[cells]
-            rows = row[cells]
-            ys, xs = (rows >= 0).nonzero(as_tuple=True)
-            rows = rows[ys, xs]
-            order = count[rows].argsort()  # fewest candidates first: chunks of similar width
-            ys, xs, rows = ys[order], xs[order], rows[order]
-            widths = count[rows]
-            start = 0
-            while start < rows.numel():
-                end = min(rows.numel(), start + max(1, tile_elements // int(widths[start])))
-                end = min(end, start + max(1, tile_elements // int(widths[end - 1])))
-                yy, xx, rr = ys[start:end], xs[start:end], rows[start:end]
-                ids = table[rr, : int(widths[end - 1])]  # (n, C): the possible winners, ascending
-                start = end
-                ry = gy[yy]
-                r0, r1, c0, c1 = y0[ry, None] * w, y1[ry, None] * w, x0[xx, None], x1[xx, None]
-                a, b_ = wx0[xx, None], wx1[xx, None]
-                upper = values[(r0 + c0) * k + ids] * a + values[(r0 + c1) * k + ids] * b_
-                lower = values[(r1 + c0) * k + ids] * a + values[(r1 + c1) * k + ids] * b_
-                interpolated = upper * wy0[ry, None] + lower * wy1[ry, None]
-                best = interpolated.amax(dim=1, keepdim=True)
-                band_labels[yy, xx] = torch.where(interpolated == best, ids, k).amin(dim=1)
-            labels[i, top : top + len(gy)] = band_labels
+        for top in range(0, height, tile_h):
+            rows = slice(top, min(height, top + tile_h))
+            first, last = int(y0[rows][0]), int(y0[rows][-1])  # cells (input rows first..last + 1) the tile lies in
+            r0, r1, a0, a1 = y0[rows] - first, y1[rows] - first, wy0[rows, None], wy1[rows, None]
+            for left in range(0, width, tile_w):
+                cols = slice(left, min(width, left + tile_w))
+                c0, c1, b0, b1 = x0[cols], x1[cols], wx0[cols], wx1[cols]
+                block = probs[i, :, first : last + 2, int(c0[0]) : int(c0[-1]) + 2]
+                classes = _possible_classes(block, last + 1 == h, int(c0[-1]) + 1 == w)
+                out = labels[i, rows, cols]
+                if len(classes) == 1:
+                    out.fill_(classes[0])
+                    continue
+                best = None
+                for c in classes:
+                    band = probs[i, c, first : last + 2]
+                    along_w = band.index_select(1, c0) * b0 + band.index_select(1, c1) * b1
+                    value = along_w.index_select(0, r0) * a0 + along_w.index_select(0, r1) * a1
+                    if best is None:
+                        best = value
+                        out.fill_(c)
+                    else:
+                        better = value > best
+                        best = torch.where(better, value, best)
+                        out.masked_fill_(better, c)
     return labels
 
 
-def _cell_candidates(probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Which classes can win inside each cell of input pixels (rows i, i+1; columns j, j+1; the
-    last row and column repeated), for probs (K, h, w).
+def _possible_classes(block: torch.Tensor, last_row: bool, last_col: bool) -> list[int]:
+    """The classes that can win somewhere in the cells of `block` (K, rows, cols) of probabilities.
 
-    Anywhere in a cell the winner's value is at least `floor`: the best smallest corner of one
-    class, or of the mean of the two or three classes with the largest corners (the winner
-    beats their mean), which is what makes a boundary between two regions cheap. A class whose
-    largest corner is below floor (less a rounding margin) cannot win there. Returns, per cell
-    (flattened i * w + j): the first possible winner (h*w,), the row of the cell in `table`
-    (-1 for cells with a single possible winner), and for the other cells the possible winners
-    (m, C) in ascending order (padded with the first) and their number (m,).
+    A cell is two by two neighbouring input pixels (the input's last row and column, flagged
+    by last_row / last_col, are repeated to close the final cells); every output pixel's four
+    taps are one cell's corners and its value for a class is a convex combination of the
+    class's corner values. Anywhere in the cell the winner's value is at least `floor`: the
+    best smallest corner of one class, or of the mean of the two or three classes with the
+    largest corners (the winner is at least their mean), which keeps region boundaries cheap.
+    A class whose largest corner is below floor, less a margin far above float rounding,
+    cannot win in the cell.
     """
-    k, h, w = probs.shape
-    padded = F.pad(probs[None], (0, 1, 0, 1), mode="replicate")[0]
-    corners = (padded[:, :-1, :-1], padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:])
+    if last_row or last_col:
+        block = F.pad(block[None], (0, int(last_col), 0, int(last_row)), mode="replicate")[0]
+    k = block.shape[0]
+    corners = (block[:, :-1, :-1], block[:, :-1, 1:], block[:, 1:, :-1], block[:, 1:, 1:])
     low = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
     high = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
     floor = low.amax(dim=0)
-    margin = _TIE_MARGIN * torch.maximum(low.abs(), high.abs()).amax(dim=0)
-    del low
+    margin = _TIE_MARGIN * torch.maximum(high.amax(dim=0), -low.amin(dim=0))
     leaders = high.topk(min(3, k), dim=0).indices
-    sums = [torch.zeros((h, w), device=probs.device) for _ in corners]
+    sums = [torch.zeros_like(floor) for _ in corners]
     for m in range(leaders.shape[0]):
-        for s, corner in zip(sums, corners):
-            s += corner.gather(0, leaders[m : m + 1])[0]
-        floor = torch.maximum(floor, torch.minimum(torch.minimum(sums[0], sums[1]), torch.minimum(sums[2], sums[3])) / (m + 1))
-    possible = (high >= floor - margin).reshape(k, h * w)
-    del high, padded, corners, sums
-    winner = possible.to(torch.uint8).argmax(dim=0)
-    count = possible.sum(dim=0)
-    contested = (count > 1).nonzero()[:, 0]
-    row = torch.full((h * w,), -1, dtype=torch.int64, device=probs.device)
-    row[contested] = torch.arange(contested.numel(), device=probs.device)
-    width = int(count[contested].max()) if contested.numel() else 1
-    ids = torch.arange(k, device=probs.device)[:, None]
-    table = torch.where(possible[:, contested], ids, k).sort(dim=0).values[:width].t()
-    table = torch.where(table == k, table[:, :1], table).contiguous()
-    return winner, row, table, count[contested]
+        for total, corner in zip(sums, corners):
+            total += corner.gather(0, leaders[m : m + 1])[0]
+        worst = torch.minimum(torch.minimum(sums[0], sums[1]), torch.minimum(sums[2], sums[3]))
+        floor = torch.maximum(floor, worst / (m + 1))
+    possible = (high >= floor - margin).flatten(1).any(dim=1)
+    return possible.nonzero()[:, 0].tolist()
 
 
 class Segmenter:

@@ -350,10 +350,14 @@ def save_overlay(
         raise ValueError(f"labels shape {array.shape} does not match image shape {image.shape[:2]}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    colours = _padded_palette(palette)[array].astype(np.float32)
-    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
-    keep = array == ignore_index
-    blend[keep] = image[keep]
-    out = Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), mode="RGB")
+    colours = _padded_palette(palette)
+    blended = np.empty_like(image)
+    for top in range(0, image.shape[0], 256):  # in bands of rows: float copies of a large photo add up
+        rows = slice(top, top + 256)
+        blend = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours[array[rows]].astype(np.float32)
+        keep = array[rows] == ignore_index
+        blend[keep] = image[rows][keep]
+        blended[rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    out = Image.fromarray(blended, mode="RGB")
     with atomic_write(path) as f:
         out.save(f, format=fmt)
