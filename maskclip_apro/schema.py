@@ -102,11 +102,9 @@ def check_config(cfg: DictConfig, command: str) -> None:
         if not rule.test(value):
             raise ValueError(f"{key}={_show(value)} is not valid: {key} takes {rule.accepts}")
     _check_device(cfg, allow_auto=command == "train")
-    if command == "train":
-        _check_params(cfg, "target.apro", "apro", exclude=("mode", "guide_long_side"))
-    else:
-        for family in _refiner_classes():
-            _check_params(cfg, f"refine.{family}", family, exclude=("mode",))
+    for family in _refiner_classes():
+        _check_params(cfg, f"refine.{family}", family, exclude=())
+    _check_params(cfg, "target.apro", "apro", exclude=("mode", "guide_long_side"))  # the teacher sets these two
     if command == "compare":
         _check_methods(cfg)
 

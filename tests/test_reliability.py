@@ -206,7 +206,7 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     "override, message",
     [
         ("panel=no", "error: panel='no' is not valid: panel takes true or false"),
-        ("+refine.apro.zeta_gg=1", "error: refine.apro.zeta_gg is not a parameter of the apro refiner; it takes zeta_g, "),
+        ("+refine.apro.zeta_gg=1", "error: refine.apro.zeta_gg is not a parameter of the apro refiner; it takes "),
         ("device=gpu", "error: device='gpu' is not a device: device takes cpu, cuda or cuda:N"),
         ("dataset=folder", "error: dataset.root is not set: pass dataset.root=..."),
     ],
@@ -303,3 +303,10 @@ def test_the_pixel_limit_of_a_run_applies_to_its_images(tmp_path, labelled):
     finally:
         set_max_image_pixels(None)
     assert [f["name"] for f in summary["failed"]] == ["c"] and "over the limit of 2,240" in summary["failed"][0]["error"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_image_without_read_permission_is_skipped(tmp_path, labelled):
+    (labelled / "images" / "a.png").chmod(0)
+    summary = refine.run(compose("refine", _args(tmp_path, f"input={labelled / 'images'}")))
+    assert [f["name"] for f in summary["failed"]] == ["a"] and "Permission denied" in summary["failed"][0]["error"]

@@ -29,7 +29,7 @@ from .common import Failures, open_inputs
 from .reuse import ResultKey, ReuseLog, read_key, stale_reason
 
 
-def _load(path: Path, key: Mapping, names: list[str]) -> tuple[dict | None, str | None]:
+def _load(path: Path, key: Mapping) -> tuple[dict | None, str | None]:
     """The saved record of one image and None, or None and why it cannot be reused."""
     if not path.exists():
         return None, "new"
@@ -37,13 +37,10 @@ def _load(path: Path, key: Mapping, names: list[str]) -> tuple[dict | None, str 
         with np.load(path, allow_pickle=False) as data:
             record = {k: data[k] for k in data.files}
         saved = read_key(str(record["key"]))
-        methods = list(record["methods"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         tqdm.write(f"{path} is unreadable ({error}); recomputing it", file=sys.stderr)
         return None, "unreadable record"
     reason = stale_reason(saved, key)
-    if reason is None and methods != names:
-        reason = "config"
     return (record, None) if reason is None else (None, reason)
 
 
@@ -85,12 +82,12 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
             name = source.name
             key = keys.of(source)
             path = output_path(out, "per_image", f"{name}.npz")
-            record, reason = _load(path, key, names)
+            record, reason = _load(path, key)
             if record is None:
                 record, panel = _compute(segmenter, chains, dataset[i], names, k, dataset.ignore_index, warmed,
                                          i < panels)
                 warmed = True
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # reading and segmenting only: writes come after
             failures.add(name, error)
             continue
         if reason is not None:

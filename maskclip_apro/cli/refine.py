@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
             else:
                 preds = segmenter.predict_many(sample.image, chains, keep_probs=cfg.save_probs)
                 labels = preds["main"].labels
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # reading and segmenting only: writes come after
             failures.add(name, error)
             continue
         log.add(reason)

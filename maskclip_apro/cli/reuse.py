@@ -96,10 +96,9 @@ class ReuseLog:
         return f"{summary['reused']} reused" + (f", {sum(counts.values())} computed ({why})" if counts else "")
 
 
-def read_key(text: str) -> dict[str, Any] | None:
-    """A key saved as JSON text; None when it is not one."""
-    try:
-        key = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return key if isinstance(key, dict) else None
+def read_key(text: str) -> dict[str, Any]:
+    """A key saved as JSON text; ValueError when the text is not one."""
+    key = json.loads(text)
+    if not isinstance(key, dict):
+        raise ValueError(f"a saved key is a JSON object, got {type(key).__name__}")
+    return key
