@@ -230,6 +230,9 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) 
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine; True where that cannot be asked safely."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
