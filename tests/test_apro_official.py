@@ -74,7 +74,7 @@ def test_two_pass_gp_matches_the_brute_force(zetas, backend):
     probs = torch.softmax(3 * torch.randn(1, k, h, w, generator=torch.Generator().manual_seed(2),
                                           dtype=torch.float64), 1)
     second = None if zetas[1] is None else "output"
-    refiner = APro(mode="gp", zeta_g=zetas[0], second_pass=second, zeta_h=zetas[1] or 1.0, guide_long_side=None,
+    refiner = APro(mode="gp", zeta_g=zetas[0], second_pass=second, zeta_h=zetas[1] or 1.0, gp_scale=None, lp_scale=None,
                    backend=backend)
     expected = official_gp(probs[0].reshape(k, -1).numpy(), normalised(image[0]), h, w, *zetas)
     got = refiner(probs, Guidance(image=image))[0].reshape(k, -1).double().numpy()

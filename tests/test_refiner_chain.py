@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from maskclip_apro.apro import build_tree, global_propagation, local_propagation, propagate, reweight
 from maskclip_apro.refiners import Chain, Guidance, build_refiner
-from maskclip_apro.refiners.apro import APro, guide_size
+from maskclip_apro.refiners.apro import APro, guide_size, work_size
 from maskclip_apro.refiners.base import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -26,7 +26,7 @@ def _case(seed=0, k=3, h=12, w=10):
 def test_apro_modes_compose_gp_and_lp(mode):
     probs, guidance = _case()
     image = normalized(guidance.image)  # APro reads the ImageNet-normalised image
-    refiner = APro(mode=mode, zeta_g=0.2, zeta_s=0.15, kernel_size=3, iters=4, backend="torch", guide_long_side=None)
+    refiner = APro(mode=mode, zeta_g=0.2, zeta_s=0.15, kernel_size=3, iters=4, backend="torch", gp_scale=None, lp_scale=None)
     gp = lambda p: global_propagation(p, image, 0.2, backend="torch")  # noqa: E731
     lp = lambda p: local_propagation(p, image, zeta_s=0.15, kernel_size=3, iters=4, backend="torch")  # noqa: E731
     expected = {
@@ -43,7 +43,7 @@ def test_apro_upsamples_to_the_guidance_resolution_and_keeps_rows_normalised():
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(2, 4, 3, 4, generator=g), dim=1)
     guidance = Guidance(image=torch.rand(2, 3, 30, 40, generator=g))
-    out = APro(iters=2, kernel_size=3, guide_long_side=20)(probs, guidance)
+    out = APro(iters=2, kernel_size=3, lp_scale=5)(probs, guidance)
     assert out.shape == (2, 4, 15, 20)
     torch.testing.assert_close(out.sum(1), torch.ones(2, 15, 20), rtol=1e-5, atol=1e-5)
 
@@ -52,6 +52,13 @@ def test_guide_size_caps_the_long_side_only():
     assert guide_size(300, 400, 200) == (150, 200)
     assert guide_size(300, 400, None) == (300, 400)
     assert guide_size(30, 40, 200) == (30, 40)
+
+
+def test_work_size_is_relative_to_the_unary_grid_and_capped_by_the_image():
+    assert work_size((375, 500), (23, 31), 4) == (93, 124)  # long side 4 x 31
+    assert work_size((375, 500), (23, 31), 1) == (23, 31)
+    assert work_size((375, 500), (23, 31), 32) == (375, 500)
+    assert work_size((375, 500), (23, 31), None) == (375, 500)
 
 
 def test_guidance_derives_the_normalised_image_and_takes_a_given_one():
@@ -70,7 +77,7 @@ def test_guidance_derives_the_normalised_image_and_takes_a_given_one():
 def test_apro_reads_the_normalised_image():
     probs, guidance = _case(seed=5)
     other = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(6))
-    refiner = APro(mode="parallel", zeta_g=0.3, zeta_s=0.5, kernel_size=3, iters=3, backend="torch", guide_long_side=None)
+    refiner = APro(mode="parallel", zeta_g=0.3, zeta_s=0.5, kernel_size=3, iters=3, backend="torch", gp_scale=None, lp_scale=None)
     got = refiner(probs, Guidance(image=guidance.image, normalized=other))
     expected = 0.5 * (global_propagation(probs, other, 0.3, backend="torch")
                       + local_propagation(probs, other, zeta_s=0.5, kernel_size=3, iters=3, backend="torch"))
@@ -82,7 +89,7 @@ def test_gp_runs_at_its_own_resolution_and_is_upsampled_to_the_output():
     probs = torch.softmax(3 * torch.randn(1, 3, 4, 5, generator=g), dim=1)
     image = torch.rand(1, 3, 40, 50, generator=g)
     refiner = APro(mode="gp_lp", zeta_g=0.3, zeta_s=0.5, kernel_size=3, iters=2, backend="torch",
-                   guide_long_side=25, gp_long_side=10)
+                   lp_scale=5, gp_scale=2)
     norm = normalized(image)
     small = F.interpolate(norm, size=(8, 10), mode="bilinear", align_corners=False, antialias=True)
     out_guide = F.interpolate(norm, size=(20, 25), mode="bilinear", align_corners=False, antialias=True)
@@ -102,7 +109,7 @@ def test_second_pass_on_features_needs_features():
 def test_second_pass_on_features_reweights_the_same_tree():
     probs, guidance = _case(seed=3)
     feats = torch.randn(1, 8, 6, 5, generator=torch.Generator().manual_seed(4))
-    refiner = APro(mode="gp", second_pass="features", zeta_g=0.2, zeta_h=0.7, backend="torch", guide_long_side=None)
+    refiner = APro(mode="gp", second_pass="features", zeta_g=0.2, zeta_h=0.7, backend="torch", gp_scale=None, lp_scale=None)
     out = refiner(probs, Guidance(image=guidance.image, features=feats))
     high = F.normalize(F.interpolate(feats, size=(12, 10), mode="bilinear", align_corners=False), dim=1)
     tree = build_tree(normalized(guidance.image), backend="torch")
@@ -114,12 +121,20 @@ def test_second_pass_on_features_reweights_the_same_tree():
 
 def test_chain_applies_steps_in_order_and_times_them():
     probs, guidance = _case()
-    params = {"apro": {"kernel_size": 3, "iters": 2, "backend": "torch", "guide_long_side": None}}
+    params = {"apro": {"kernel_size": 3, "iters": 2, "backend": "torch", "gp_scale": None, "lp_scale": None}}
     chain = Chain.from_steps(["lp", "gp"], params)
     expected = build_refiner("gp", params)(build_refiner("lp", params)(probs, guidance), guidance)
     torch.testing.assert_close(chain(probs, guidance), expected)
     assert set(chain.last_times) == {"lp", "gp"}
     assert Chain([])(probs, guidance) is probs
+
+
+def test_the_apro_step_runs_the_configured_combination():
+    params = {"apro": {"mode": "gp_lp", "zeta_g": 0.2}}
+    assert build_refiner("apro", params).mode == "gp_lp"
+    assert build_refiner("gp", params).mode == "gp" and build_refiner("lp_gp", params).mode == "lp_gp"
+    assert build_refiner("apro", {}).mode == "parallel"
+    assert params["apro"]["mode"] == "gp_lp"  # the caller's mapping is left alone
 
 
 def test_unknown_step_and_bad_options_are_named():
@@ -131,10 +146,10 @@ def test_unknown_step_and_bad_options_are_named():
         APro(second_pass="clip")
     with pytest.raises(ValueError, match="zeta_g"):
         APro(zeta_g=0)
-    with pytest.raises(ValueError, match="gp_long_side"):
-        APro(gp_long_side=0)
-    with pytest.raises(ValueError, match="guide_long_side"):
-        APro(guide_long_side="big")
+    with pytest.raises(ValueError, match="gp_scale"):
+        APro(gp_scale=0)
+    with pytest.raises(ValueError, match="lp_scale"):
+        APro(lp_scale="big")
 
 
 def test_refine_params_are_one_source_and_not_a_preset():
@@ -151,3 +166,12 @@ def test_refine_params_are_one_source_and_not_a_preset():
     assert build_refiner("apro", official).zeta_g == 0.01
     with pytest.raises(MissingConfigException):
         compose("refine", ["refine=_params"])
+
+
+def test_refiner_classes_are_exported_by_name():
+    import maskclip_apro.refiners as refiners
+
+    assert {refiners.KeySmoothing.name, refiners.PromptDenoising.name, refiners.PAMR.name} == {"ks", "pd", "pamr"}
+    assert refiners.APro(mode="gp").name == "gp"
+    with pytest.raises(AttributeError):
+        refiners.CRF  # noqa: B018

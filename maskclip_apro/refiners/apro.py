@@ -7,6 +7,7 @@ is about 0.226 in [0, 1] pixel terms). `refine=apro_official` holds the official
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Optional
 
@@ -37,21 +38,33 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def _long_side(name: str, value) -> Optional[int]:
+def work_size(image_size: tuple[int, int], grid_size: tuple[int, int], scale: Optional[float]) -> tuple[int, int]:
+    """The image size with its long side capped at `scale` x the long side of the probabilities' grid.
+
+    None keeps the image size. Relative to the unary's grid (MaskCLIP's patch grid), a setting
+    means the same for any image size and generator resolution.
+    """
+    if scale is None:
+        return tuple(image_size)
+    return guide_size(*image_size, max(1, round(scale * max(grid_size))))
+
+
+def _scale(name: str, value) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"apro {name} must be a positive integer or null, got {value!r}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"apro {name} must be a positive number or null, got {value!r}")
+    return float(value)
 
 
 class APro:
     """Global (GP) and local (LP) affinity propagation on the MaskCLIP probabilities.
 
-    Resolutions: the output and LP run on the image with its long side capped at
-    `guide_long_side`; GP runs with its long side capped at `gp_long_side` (None: the output
-    size) and its result is upsampled bilinearly to the output size. The patch-grid
-    probabilities are resized bilinearly to each.
+    Resolutions, relative to the grid of the probabilities (h, w) and capped at the image size
+    (None: the image size): LP and the output run on the normalised image resized to `lp_scale`
+    x the grid's long side, GP on it resized to `gp_scale` x (its result is upsampled bilinearly
+    to the output size). The probabilities are resized bilinearly to each. With MaskCLIP's
+    16-px patches, `lp_scale=4` is a stride-4 map, the resolution of the official heads' masks.
 
     `mode`: "parallel" = mean(GP(P), LP(P)) (training-free default; `targets` returns both),
     "gp", "lp", or the cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)).
@@ -75,8 +88,8 @@ class APro:
         iters: int = 20,
         second_pass: Optional[str] = None,
         zeta_h: float = 0.07,
-        guide_long_side: Optional[int] = 512,
-        gp_long_side: Optional[int] = None,
+        gp_scale: Optional[float] = 1.0,
+        lp_scale: Optional[float] = 4.0,
         backend: str = "auto",
     ) -> None:
         if mode not in MODES:
@@ -90,8 +103,8 @@ class APro:
         self.kernel_size = kernel_size
         self.iters = iters
         self.second_pass = second_pass
-        self.guide_long_side = _long_side("guide_long_side", guide_long_side)
-        self.gp_long_side = _long_side("gp_long_side", gp_long_side)
+        self.gp_scale = _scale("gp_scale", gp_scale)
+        self.lp_scale = _scale("lp_scale", lp_scale)
         self.backend = backend
         self.name = {"parallel": "apro", "lp_gp": "lp>gp", "gp_lp": "gp>lp"}.get(mode, mode)
 
@@ -129,8 +142,8 @@ class APro:
         check_map("probs", probs)
         image = check_map("guidance.image", guidance.image)
         normalized = guidance.normalized_image().float()
-        out_size = guide_size(*image.shape[-2:], self.guide_long_side)
-        gp_size = guide_size(*image.shape[-2:], self.gp_long_side or self.guide_long_side)
+        out_size = work_size(image.shape[-2:], probs.shape[-2:], self.lp_scale)
+        gp_size = work_size(image.shape[-2:], probs.shape[-2:], self.gp_scale)
         out_guide = resize(normalized, out_size)
         gp_guide = resize(normalized, gp_size)
         probs = probs.float()

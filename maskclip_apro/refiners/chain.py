@@ -1,4 +1,9 @@
-"""Refiner chains built from step names, so configs and the compare table name methods as data."""
+"""Refiner chains built from step names, so configs and the compare table name methods as data.
+
+`params` is the composed `cfg.refine` (conf/_refine_params.yaml plus the preset's changes), or
+any mapping of refiner family (ks, pd, apro, pamr) to keyword arguments. docs/refiners.md
+defines every refiner.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .base import Guidance, Refiner
 
-APRO_STEPS = {"apro": "parallel", "gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}
+APRO_STEPS = {"apro": "parallel", "gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}  # "apro": refine.apro.mode
 STEPS = ("ks", "pd", "pamr", *APRO_STEPS)
 
 
 def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner:
-    """One refiner from its step name; `params` maps a refiner family (ks, pd, apro, pamr) to kwargs."""
+    """One refiner from its step name; `params` maps a refiner family (ks, pd, apro, pamr) to kwargs.
+
+    Other keys of `params` (e.g. `steps`) are ignored, so the whole `cfg.refine` can be passed.
+    """
     params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else (params or {})
     if step == "ks":
         from .ks import KeySmoothing
@@ -35,7 +43,9 @@ def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner
     if step in APRO_STEPS:
         from .apro import APro
 
-        return APro(mode=APRO_STEPS[step], **dict(params.get("apro", {})))
+        kwargs = dict(params.get("apro", {}))
+        mode = kwargs.pop("mode", "parallel")  # the combination the "apro" step runs
+        return APro(mode=mode if step == "apro" else APRO_STEPS[step], **kwargs)
     raise ValueError(f"unknown refiner step {step!r}; choose from {STEPS}")
 
 
