@@ -105,10 +105,14 @@ def simulate_unary(label: np.ndarray, flip: float, sigma: float, rng: np.random.
 def describe(steps: list[str], apro: dict) -> str:
     """A row label for an APro configuration: the combination, GP's and LP's zetas and scales."""
     mode = {"apro": apro.get("mode", "parallel")}.get(steps[0], steps[0])
-    gp = f"GP ζ_g {apro['zeta_g']} ×{apro['gp_scale'] or 'full'}"
+
+    def scale(value) -> str:
+        return "full" if value is None else f"×{value:g}"
+
+    gp = f"GP ζ_g {apro['zeta_g']:g} {scale(apro['gp_scale'])}"
     if apro.get("second_pass") == "output":
-        gp += f", pass 2 ζ_h {apro['zeta_h']}"
-    lp = f"LP ζ_s {apro['zeta_s']} ×{apro['lp_scale'] or 'full'}"
+        gp += f", pass 2 ζ_h {apro['zeta_h']:g}"
+    lp = f"LP ζ_s {apro['zeta_s']:g} {scale(apro['lp_scale'])}"
     return {"parallel": f"{gp} ‖ {lp}", "gp_lp": f"{gp} → {lp}", "lp_gp": f"{lp} → {gp}", "gp": gp, "lp": lp}[mode]
 
 
@@ -117,8 +121,7 @@ def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
     default = (f"refine=apro (the defaults): {describe(['apro'], base['apro'])}", ["apro"], {})
     if fast:
         return [("unary (no refinement)", [], {}), ("PAMR (dilations 8, 16; 10 iterations)", ["pamr"], {}), default]
-    official = {"zeta_g": 0.01, "second_pass": "output", "zeta_h": 0.07, "gp_scale": 4, "zeta_s": 0.15,
-                "lp_scale": 4, "mode": "parallel"}
+    official = OmegaConf.to_container(compose("refine", ["refine=apro_official"]).refine.apro, resolve=True)
     out = [
         ("unary (no refinement)", [], {}),
         ("PAMR (dilations 8, 16; 10 iterations)", ["pamr"], {}),
@@ -126,16 +129,15 @@ def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
         ("previous defaults: GP ζ_g 0.44 full ‖ LP ζ_s 0.66 full", ["apro"],
          {"zeta_g": 0.44, "gp_scale": None, "zeta_s": 0.66, "lp_scale": None, "mode": "parallel"}),
     ]
-    changes = [{"zeta_g": z, "gp_scale": g} for z in (0.03, 0.1, 0.3) for g in (1, 2, 4, None)]
-    changes += [{**official, "mode": "gp"}]
-    changes += [{"zeta_g": 0.1, "gp_scale": 2, "second_pass": "output", "zeta_h": h} for h in (0.07, 0.2)]
-    changes += [{"zeta_s": z, "lp_scale": l} for z in (0.15, 0.3, 0.5, 0.8) for l in (2, 4, 8)]
-    changes += [{"zeta_s": 0.15, "lp_scale": None}]
-    steps = ["gp"] * 15 + ["lp"] * 13
-    for gp_scale in (1, 2):
-        for mode in ("parallel", "gp_lp", "lp_gp"):
-            changes.append({"zeta_g": 0.1, "gp_scale": gp_scale, "zeta_s": 0.5, "lp_scale": 4, "mode": mode})
-            steps.append("apro")
+    gp = [{"zeta_g": z, "gp_scale": g} for z in (0.01, 0.03, 0.1, 0.3) for g in (1, 2, 4, None)]
+    gp += [{**official, "mode": "gp"}]
+    gp += [{"zeta_g": 0.1, "gp_scale": 2, "second_pass": "output", "zeta_h": h} for h in (0.07, 0.2)]
+    lp = [{"zeta_s": z, "lp_scale": l} for z in (0.15, 0.3, 0.5, 0.8) for l in (2, 4, 8)]
+    lp += [{"zeta_s": 0.15, "lp_scale": None}]
+    both = [{"zeta_g": 0.1, "gp_scale": g, "zeta_s": 0.5, "lp_scale": 4, "mode": m}
+            for g in (1, 2) for m in ("parallel", "gp_lp", "lp_gp")]
+    steps = ["gp"] * len(gp) + ["lp"] * len(lp) + ["apro"] * len(both)
+    changes = gp + lp + both
     for step, change in zip(steps, changes):
         apro = {**base["apro"], "second_pass": None, **change}
         out.append((describe([step], apro), [step], {"second_pass": None, **change}))

@@ -64,10 +64,11 @@ class APro:
     (None: the image size): LP and the output run on the normalised image resized to `lp_scale`
     x the grid's long side, GP on it resized to `gp_scale` x (its result is upsampled bilinearly
     to the output size). The probabilities are resized bilinearly to each. With MaskCLIP's
-    16-px patches, `lp_scale=4` is a stride-4 map, the resolution of the official heads' masks.
+    16-px patches, `lp_scale=4` is a stride-4 map (the official heads' masks: stride 4 to 16).
 
-    `mode`: "parallel" = mean(GP(P), LP(P)) (training-free default; `targets` returns both),
-    "gp", "lp", or the cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)).
+    `mode`: "parallel" = mean(GP(P), LP(P)) (`targets` returns both, the training targets),
+    "gp", "lp", or the cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)). The defaults are
+    `refine=apro`'s, calibrated on MaskCLIP-like unaries (README, "Calibrating APro's ζ").
 
     GP: psi(i, j) = exp(-maxedge(i, j) / zeta_g^2) on the MST of the normalised image, edge
     weights its squared L2 differences. `second_pass` propagates the pass-1 result again on the
@@ -81,9 +82,9 @@ class APro:
 
     def __init__(
         self,
-        mode: str = "parallel",
+        mode: str = "gp_lp",
         zeta_g: float = 0.1,
-        zeta_s: float = 0.15,
+        zeta_s: float = 0.5,
         kernel_size: int = 5,
         iters: int = 20,
         second_pass: Optional[str] = None,

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .base import Guidance, Refiner
 
-APRO_STEPS = {"apro": "parallel", "gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}  # "apro": refine.apro.mode
-STEPS = ("ks", "pd", "pamr", *APRO_STEPS)
+# Steps with a fixed APro combination (step -> APro mode); the step "apro" runs refine.apro.mode.
+APRO_MODES = {"gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp", "gp_lp_parallel": "parallel"}
+STEPS = ("ks", "pd", "pamr", "apro", *APRO_MODES)
 
 
 def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner:
@@ -40,12 +41,16 @@ def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner
         if "dilations" in kwargs:
             kwargs["dilations"] = tuple(kwargs["dilations"])
         return PAMR(**kwargs)
-    if step in APRO_STEPS:
+    if step == "apro" or step in APRO_MODES:
         from .apro import APro
 
         kwargs = dict(params.get("apro", {}))
-        mode = kwargs.pop("mode", "parallel")  # the combination the "apro" step runs
-        return APro(mode=mode if step == "apro" else APRO_STEPS[step], **kwargs)
+        if step != "apro":
+            kwargs["mode"] = APRO_MODES[step]
+        refiner = APro(**kwargs)
+        if step == "apro":
+            refiner.name = "apro"  # timed and named as the step, whichever combination it runs
+        return refiner
     raise ValueError(f"unknown refiner step {step!r}; choose from {STEPS}")
 
 
