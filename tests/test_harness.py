@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_apro.data import load_vocab
-from maskclip_apro.data.class_file import SCLIP_CLASS_FILES, class_queries, parse_class_lines, read_class_file
+from maskclip_apro.data.class_file import CLASS_FILES, class_queries, parse_class_lines, read_class_file
 from maskclip_apro.generator.slide import centred_padding, harness_resize, slide_average, slide_boxes, to_original
 from maskclip_apro.postprocess import area_filter, class_probabilities, harness_labels, threshold_labels
 from maskclip_apro.refiners.pamr import pamr
@@ -22,6 +22,8 @@ from maskclip_apro.refiners.pamr_logits import pamr_logits
 SIZES = {
     "voc21_sclip": 21, "voc20_sclip": 20, "context60_sclip": 60, "context59_sclip": 59,
     "cocoobject81_sclip": 81, "cocostuff171_sclip": 171, "cityscapes19_sclip": 19, "ade150_sclip": 150,
+    "voc21_clearclip": 21, "voc20_clearclip": 20, "cocoobject81_clearclip": 81, "voc21_proxyclip": 21,
+    "cocoobject81_proxyclip": 81,
 }
 
 
@@ -35,12 +37,20 @@ def their_queries(text):
     return names, owner
 
 
-@pytest.mark.parametrize("name", SCLIP_CLASS_FILES)
+@pytest.mark.parametrize("name", CLASS_FILES)
 def test_builtin_class_files_parse_as_the_harness_does(name):
     lines = read_class_file(name)
     assert len(lines) == SIZES[name]
     text = (resources.files("maskclip_apro") / "vocab" / f"{name}.txt").read_text(encoding="utf-8")
     assert class_queries(lines) == their_queries(text)
+
+
+def test_method_class_files_differ_where_the_methods_do():
+    sclip, clear, proxy = (read_class_file(f"voc21_{m}") for m in ("sclip", "clearclip", "proxyclip"))
+    assert clear[0] == "background" and clear[15] == "person" and clear[20] == "tvmonitor"
+    assert proxy[0] == sclip[0] and proxy[1:] == clear[1:]
+    names, owner = class_queries(read_class_file("cocoobject81_proxyclip"))
+    assert owner.count(0) == 17 and sorted(owner[i] for i, n in enumerate(names) if n == "bed") == [0, 60]
 
 
 def test_voc21_background_line_and_synonyms():
@@ -308,3 +318,45 @@ def test_pamr_logits_keeps_dtype_and_checks_input():
         pamr_logits(logits, image, iters=-1)
     with pytest.raises(ValueError, match="dilations"):
         pamr_logits(logits, image, dilations=())
+
+
+# ---------------------------------------------------------------- the pieces composed (what the protocol wiring does)
+
+
+@pytest.mark.parametrize("mode", ["naclip", "proxyclip"])
+def test_harness_pieces_compose_on_tiny_models(mode):
+    from maskclip_apro.generator.dense_attention import dense_last_block
+    from maskclip_apro.generator.models import image_mean_std, load_clip
+    from maskclip_apro.generator.pos_embed import interpolate_pos_embed_offset
+    from maskclip_apro.generator.vfm import load_vfm
+
+    clip, _ = load_clip("tiny_vit", None)
+    visual = clip.visual
+    vfm = load_vfm("tiny_dino", None) if mode == "proxyclip" else None
+    mean, std = (t.view(1, 3, 1, 1) for t in image_mean_std(clip))
+    g = torch.Generator().manual_seed(7)
+    text = F.normalize(torch.randn(5, visual.proj.shape[1], generator=g), dim=1)  # 5 queries
+    owner = torch.tensor([0, 0, 1, 2, 2])
+
+    def crop_fn(crop):
+        b, _, h, w = crop.shape
+        grid = (h // 16, w // 16)
+        x = visual.conv1(crop).flatten(2).transpose(1, 2)
+        pos = interpolate_pos_embed_offset(visual.positional_embedding, (4, 4), grid)
+        x = visual.ln_pre(torch.cat([visual.class_embedding.expand(b, 1, -1), x], 1) + pos)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        extra = {"vfm_features": vfm(crop * std + mean)} if vfm is not None else {}
+        feats, _ = dense_last_block(visual, x, grid, mode, **extra)
+        return torch.einsum("bdhw,md->bmhw", F.normalize(feats, dim=1), text)
+
+    image = torch.rand(1, 3, 70, 90, generator=g)
+    resized = harness_resize(image, (2048, 48))
+    normed = (resized - mean) / std
+    with torch.no_grad():
+        logits = to_original(slide_average(crop_fn, normed, 32, 16), (70, 90))
+        logits = pamr_logits(logits, normed, dilations=(1, 2), iters=2)
+    probs, labels = harness_labels(logits, owner, 3, logit_scale=40.0, prob_thd=0.1)
+    assert resized.shape[-2:] == (48, 62) and logits.shape == (1, 5, 70, 90)
+    assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90) and bool(torch.isfinite(probs).all())
+    assert int(labels.min()) >= 0 and int(labels.max()) <= 2

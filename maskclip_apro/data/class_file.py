@@ -10,10 +10,13 @@ COCO-Object file puts "bed" both in the background line and as class 60; the two
 identical scores and the argmax picks the first class, so that file never predicts "bed".
 The vocabulary reader refuses such a file; this one keeps it, as the harness does.
 
-Built-in class files are the SCLIP / NACLIP `configs/cls_*.txt` (identical in both
-repositories), named after the project's datasets with a "_sclip" suffix (SCLIP_CLASS_FILES).
-ClearCLIP and ProxyCLIP ship other VOC21 / VOC20 / COCO-Object files (plain "background" /
-"person" / "tvmonitor" lines; ProxyCLIP also separates synonyms with "; ").
+Built-in class files (CLASS_FILES) are the methods' `configs/cls_*.txt`, named after the
+project's datasets: "<dataset>_sclip" are SCLIP's and NACLIP's (identical in both
+repositories, and ClearCLIP's and ProxyCLIP's too except for three datasets). ClearCLIP ships
+plain VOC21 / VOC20 / COCO-Object files ("background", "person", "tvmonitor", no synonyms):
+"<dataset>_clearclip"; ProxyCLIP uses ClearCLIP's VOC20 file and its own VOC21 / COCO-Object
+files with a background synonym line: "<dataset>_proxyclip" (ProxyCLIP separates synonyms with
+"; ", written here with ", "; its COCO-Object background line lists "bed" too).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-SCLIP_CLASS_FILES = (
+CLASS_FILES = (
     "voc21_sclip",
     "voc20_sclip",
     "context60_sclip",
@@ -31,6 +34,11 @@ SCLIP_CLASS_FILES = (
     "cocostuff171_sclip",
     "cityscapes19_sclip",
     "ade150_sclip",
+    "voc21_clearclip",
+    "voc20_clearclip",
+    "cocoobject81_clearclip",
+    "voc21_proxyclip",
+    "cocoobject81_proxyclip",
 )
 
 
@@ -48,12 +56,12 @@ def parse_class_lines(text: str, source: str) -> list[str]:
 def read_class_file(name_or_path: str | os.PathLike) -> list[str]:
     """Class lines (one per class id, synonyms joined by ", ") of a built-in class file or a file path."""
     key = os.fspath(name_or_path)
-    if key in SCLIP_CLASS_FILES:
+    if key in CLASS_FILES:
         with resources.as_file(resources.files("maskclip_apro") / "vocab" / f"{key}.txt") as path:
             return parse_class_lines(path.read_text(encoding="utf-8"), repr(key))
     path = Path(key)
     if not path.is_file():
-        raise FileNotFoundError(f"class file {key!r} is neither one of {list(SCLIP_CLASS_FILES)} nor an existing file")
+        raise FileNotFoundError(f"class file {key!r} is neither one of {list(CLASS_FILES)} nor an existing file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
