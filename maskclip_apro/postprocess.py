@@ -28,7 +28,9 @@ def class_probabilities(
     """(B, M, H, W) query logits -> (B, K, H, W) class probabilities (module doc, steps 1-2)."""
     owner = torch.as_tensor(owner, dtype=torch.long, device=name_logits.device)
     if name_logits.dim() != 4 or owner.shape != (name_logits.shape[1],):
-        raise ValueError(f"name_logits (B, M, H, W) and owner (M,) disagree: {tuple(name_logits.shape)} vs {tuple(owner.shape)}")
+        raise ValueError(
+            f"name_logits (B, M, H, W) and owner (M,) disagree: {tuple(name_logits.shape)} vs {tuple(owner.shape)}"
+        )
     if owner.numel() and (int(owner.min()) < 0 or int(owner.max()) >= num_classes):
         raise ValueError(f"owner holds class indices outside [0, {num_classes})")
     missing = sorted(set(range(num_classes)) - set(owner.tolist()))

@@ -202,7 +202,7 @@ def test_maskclip_mode_equals_generator_vitdense_bit_for_bit():
 
 def test_sclip_rows_sum_to_two():
     g = torch.Generator().manual_seed(3)
-    q, k = torch.randn(2, 3, 13, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 13, 8, generator=g, dtype=torch.float64)
+    q, k = (torch.randn(2, 3, 13, 8, generator=g, dtype=torch.float64) for _ in range(2))
     a = sclip_attention(q, k)
     torch.testing.assert_close(a.sum(-1), torch.full((2, 3, 13), 2.0, dtype=torch.float64), atol=1e-14, rtol=0)
 

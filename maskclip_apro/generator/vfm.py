@@ -43,7 +43,9 @@ class VFMBackbone(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(model, VisionTransformer) or model.pos_embed is None:
-            raise ValueError(f"the VFM must be a timm VisionTransformer with absolute position embeddings, got {type(model).__name__}")
+            raise ValueError(
+                f"the VFM must be a timm VisionTransformer with absolute position embeddings, got {type(model).__name__}"
+            )
         ph, pw = model.patch_embed.patch_size
         if ph != pw:
             raise ValueError(f"non-square VFM patches {model.patch_embed.patch_size} are not supported")

@@ -39,7 +39,8 @@ def pamr_logits(
     """
     if logits.dim() != 4 or normalised_image.dim() != 4 or normalised_image.shape[1] != 3:
         raise ValueError(
-            f"logits must be (B, M, H, W) and the image (B, 3, h, w), got {tuple(logits.shape)} and {tuple(normalised_image.shape)}"
+            f"logits must be (B, M, H, W) and the image (B, 3, h, w), "
+            f"got {tuple(logits.shape)} and {tuple(normalised_image.shape)}"
         )
     if logits.shape[0] != normalised_image.shape[0]:
         raise ValueError(f"logits and image differ in batch size: {logits.shape[0]} vs {normalised_image.shape[0]}")
