@@ -20,7 +20,9 @@ def test_builtin_counts(name, count, first):
 def test_builtin_relations():
     assert load_vocab("voc21")[1:] == load_vocab("voc20")
     assert load_vocab("context60")[1:] == load_vocab("context59")
-    assert set(BUILTIN_VOCABS) == {"voc20", "voc21", "context59", "context60", "cocostuff171"}
+    assert set(BUILTIN_VOCABS) == {
+        "voc20", "voc21", "context59", "context60", "cocostuff171", "cocoobject81", "cityscapes19", "ade150"
+    }
     coco = load_vocab("cocostuff171")
     # spot checks of the mmseg train-id order
     assert coco[79] == "toothbrush" and coco[80] == "banner" and coco[170] == "wood"
