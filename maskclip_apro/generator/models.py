@@ -15,6 +15,7 @@ and eps 1e-6, while its text embeddings come from OpenAI's own model (QuickGELU,
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import warnings
@@ -158,12 +159,15 @@ def create_from_tag(model: str, tag: str, quick_gelu: bool) -> nn.Module:
     Without network a download attempt fails at once with a message saying how to pass a local
     file, instead of the hub client's retries.
     """
+    logging.disable(logging.ERROR)  # open_clip logs the expected cache miss as an error
     try:
         with hub_offline():
             return open_clip.create_model(model, pretrained=tag, force_quick_gelu=quick_gelu)
     except RuntimeError as err:
         if not str(err).startswith("Failed to download"):
             raise
+    finally:
+        logging.disable(logging.NOTSET)
     reason = hub_unreachable()
     if reason is not None:
         raise ValueError(
