@@ -159,7 +159,8 @@ def create_from_tag(model: str, tag: str, quick_gelu: bool) -> nn.Module:
     Without network a download attempt fails at once with a message saying how to pass a local
     file, instead of the hub client's retries.
     """
-    logging.disable(logging.ERROR)  # open_clip logs the expected cache miss as an error
+    silenced = logging.root.manager.disable
+    logging.disable(max(silenced, logging.ERROR))  # open_clip logs the expected cache miss as an error
     try:
         with hub_offline():
             return open_clip.create_model(model, pretrained=tag, force_quick_gelu=quick_gelu)
@@ -167,7 +168,7 @@ def create_from_tag(model: str, tag: str, quick_gelu: bool) -> nn.Module:
         if not str(err).startswith("Failed to download"):
             raise
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(silenced)
     reason = hub_unreachable()
     if reason is not None:
         raise ValueError(
