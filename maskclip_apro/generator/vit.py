@@ -2,7 +2,8 @@
 
 The tower runs unchanged up to the last block. In the last block the query-key attention is
 replaced by its value path, keeping residual and MLP as MaskCLIP's official code does
-(chongzhou96/MaskCLIP, mmseg/models/backbones/vit.py, `return_qkv`):
+(chongzhou96/MaskCLIP, mmseg/models/backbones/vit.py, `return_qkv`; computed by
+dense_attention.dense_last_block, mode "maskclip"):
     v = x + ls1(W_out (W_v LN1(x) + b_v) + b_out)
     v = v + ls2(MLP(LN2(v)))
 then ln_post and the projection, per patch token. The keys for key smoothing go through the
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from .dense_attention import check_last_block, dense_last_block
 
 
 def interpolate_pos_embed(pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -45,18 +48,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 class ViTDense(nn.Module):
     """(B, 3, H, W) normalised image -> features (B, D, h, w) (not normalised), keys (B, C, h, w).
 
-    h = ceil(H / p), w = ceil(W / p): the grid of the zero-padded input (module doc).
+    h = ceil(H / p), w = ceil(W / p): the grid of the zero-padded input (module doc). The last
+    block is dense_attention.dense_last_block in its "maskclip" mode.
     """
 
     def __init__(self, visual: VisionTransformer) -> None:
         super().__init__()
         if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
             raise ValueError("ViT towers with an attentional pooler or without a projection are not supported")
-        last = visual.transformer.resblocks[-1]
-        if not isinstance(last, ResidualAttentionBlock) or not isinstance(last.attn, nn.MultiheadAttention):
-            raise ValueError(f"unsupported ViT block type {type(last).__name__} (need open_clip ResidualAttentionBlock)")
-        if last.attn.in_proj_weight is None or hasattr(last, "ln_1_kv"):
-            raise ValueError("unsupported attention layout in the last ViT block (separate q/k/v projections)")
+        check_last_block(visual.transformer.resblocks[-1])
         ph, pw = visual.patch_size
         if ph != pw:
             raise ValueError(f"non-square patches {visual.patch_size} are not supported")
@@ -77,27 +77,11 @@ class ViTDense(nn.Module):
         pos = interpolate_pos_embed(v.positional_embedding, tuple(v.grid_size), (gh, gw))
         tokens = v.ln_pre(torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype))
 
-        blocks = v.transformer.resblocks
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             tokens = tokens.transpose(0, 1)
-        for block in blocks[:-1]:
+        for block in v.transformer.resblocks[:-1]:
             tokens = block(tokens)
         if not batch_first:
             tokens = tokens.transpose(0, 1)
-
-        last = blocks[-1]
-        patches = tokens[:, 1:]
-        y = last.ln_1(patches)
-        _, w_k, w_v = last.attn.in_proj_weight.chunk(3)
-        b_k = b_v = None
-        if last.attn.in_proj_bias is not None:
-            _, b_k, b_v = last.attn.in_proj_bias.chunk(3)
-        keys = last.attn.out_proj(F.linear(y, w_k, b_k))
-        out = patches + last.ls_1(last.attn.out_proj(F.linear(y, w_v, b_v)))
-        out = out + last.ls_2(last.mlp(last.ln_2(out)))
-        feats = v.ln_post(out) @ v.proj
-
-        feats = feats.transpose(1, 2).reshape(b, -1, gh, gw)
-        keys = keys.transpose(1, 2).reshape(b, -1, gh, gw)
-        return feats, keys
+        return dense_last_block(v, tokens, (gh, gw), mode="maskclip")
