@@ -123,10 +123,12 @@ def test_clip_inference_slides_over_the_short_side_448_image(cache):
 def test_from_pretrained_under_the_maskclip_protocol(cache):
     seg = Segmenter.from_pretrained(
         model="tiny_vit", vocab=["cat", "dog", "grass"], refine="apro",
-        overrides=["protocol=maskclip", f"generator.cache_dir={cache}"],
+        overrides=["protocol=maskclip", f"generator.cache_dir={cache}", "model.short_side=null",
+                   "generator.img_scale=[96, 64]"],
     )
     assert isinstance(seg.generator.model, open_clip.CLIP)
     out = seg.unary(torch.rand(2, 3, 50, 70))
+    assert out.image.shape[-2:] == (64, 90) and out.logits.shape == (2, 3, 4, 6)  # keep ratio, padded to 96
     assert out.logits.shape[:2] == (2, 3) and out.features.shape[:2] == (2, 32)
     assert out.keys.shape[-2:] == out.logits.shape[-2:] == out.features.shape[-2:]
     pred = seg(np.full((50, 70, 3), 90, np.uint8))
