@@ -440,3 +440,15 @@ def test_training_state_roundtrip(tmp_path, opt):
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][i][k]))
     assert not (tmp_path / "train_state.pkl").exists()
+
+
+def test_checkpoint_module_does_not_import_the_model_module():
+    """One state-dict check, in checkpoint.py; deeplabv2.py imports it, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    import maskclip_apro.student.checkpoint as ckpt
+
+    tree = ast.parse(Path(ckpt.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(m and m.endswith("deeplabv2") for m in imported)
