@@ -22,7 +22,7 @@ from maskclip_apro.student.checkpoint import (
     save_model,
 )
 from maskclip_apro.student.data import StepBatches, read_pseudo_label
-from maskclip_apro.student.deeplabv2 import ASPPFeatures, ASPPv2, DeepLabV2, TextEmbeddingClassifier, sync_batchnorm
+from maskclip_apro.student.deeplabv2 import ASPPFeatures, ASPPv2, DeepLabV2, sync_batchnorm
 from maskclip_apro.student.inference import predict, slide_stride
 from maskclip_apro.student.losses import combine, l1_sum, loss_sums
 from maskclip_apro.student.teacher import Teacher

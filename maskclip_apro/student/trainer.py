@@ -249,8 +249,8 @@ class Trainer:
         return build_generator_from_config(cfg, list(self.train_set.class_names))
 
     def _build_teacher(self, generator: Callable) -> Teacher:
-        from ..refiners import Chain
         from ..config import refine_steps
+        from ..refiners import Chain
 
         t = self.cfg.target
         chain = Chain.from_steps(refine_steps(self.cfg), self.cfg.refine)
