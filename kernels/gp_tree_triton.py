@@ -28,8 +28,8 @@ launch covers the whole batch. Stages (docs/kernels.md gives the proofs and the 
    linked list, ranked by ceil(log2(4N)) rounds of pointer jumping with suffix sums of the
    leaf count: lo = leaves before a node's enter event, hi = leaves before its exit event.
 
-`COUNTS` records, per kernel, launches and the longest in-kernel loop (union-find finds and
-hooks); `READS` the host reads (synchronisations). The benchmark reports them per stage.
+Instrumentation for the benchmark: `COUNTS` (launches per kernel), `READS` (host reads, i.e.
+synchronisations) and `TRIPS` (the longest in-kernel loop of the union-find kernels).
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ import torch
 from ._triton import INTERPRETED, tl, triton
 from .gp_tree import Stage, TreeArrays, grid_edges, grid_weights, no_stage, pair_weights
 
-COUNTS: collections.Counter = collections.Counter()  # "<kernel>" -> launches, "<kernel>:trips" -> longest loop
+COUNTS: collections.Counter = collections.Counter()  # kernel name -> launches
 READS: collections.Counter = collections.Counter()  # host reads of device values (synchronisations)
+TRIPS: dict[str, torch.Tensor] = {}  # kernel -> longest in-kernel loop per level, last KRT build (device)
 
+JUMP_STEPS = 4  # pointer-jumping steps per launch: one host read per launch checks convergence
 _NONE_EDGE = 2**31 - 1
 _NONE_WEIGHT = 2**63 - 1
 
@@ -131,15 +133,23 @@ if triton is not None:
         tl.atomic_add(n_hooks, tl.sum(hook.to(tl.int32), axis=0))
 
     @triton.jit
-    def _jump_kernel(parent, changed, total, BLOCK: tl.constexpr):
-        """One pointer-jumping step in place: parent[x] <- parent[parent[x]] (always an ancestor)."""
+    def _jump_kernel(parent, changed, total, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+        """STEPS pointer-jumping steps in place: parent[x] <- parent[parent[x]].
+
+        Every write replaces a pointer by one of its ancestors, so other lanes' concurrent reads
+        stay correct and only speed this up; a launch in which no pointer moved means converged.
+        """
         x = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = x < total
         p = tl.load(parent + x, mask=mask, other=0)
-        gp = tl.load(parent + p, mask=mask, other=0)
-        moved = mask & (gp != p)
-        tl.store(parent + x, gp, mask=moved)
-        tl.atomic_add(changed, tl.sum(moved.to(tl.int32), axis=0))
+        moved = tl.zeros([BLOCK], tl.int32)
+        for _ in tl.static_range(STEPS):
+            gp = tl.load(parent + p, mask=mask, other=0, volatile=True)
+            step = mask & (gp != p)
+            tl.store(parent + x, gp, mask=step)
+            moved += step.to(tl.int32)
+            p = gp
+        tl.atomic_add(changed, tl.sum(moved, axis=0))
 
     # ------------------------------------------------------------------------------------------
     # KRT: union-find with level-stamped entries (level << 32 | parent; other levels read as roots)
@@ -149,9 +159,11 @@ if triton is not None:
         """Join the sets of a and b (active lanes); returns the loop trips.
 
         One loop climbs from a and b with path halving (stamped entries of other levels read
-        as roots) and, where both are roots, hooks the smaller under the larger by CAS; a lane
-        whose CAS lost simply climbs on. The loop calls no other jit function: the interpreter
-        pays for every nested call.
+        as roots) and, where both are roots, hooks the lower-priority root under the other by
+        CAS; a lane whose CAS lost simply climbs on. Priority = Knuth's multiplicative hash, a
+        bijection on 32-bit ids: linking in a pseudo-random order keeps the trees shallow
+        (linking by id made chains as long as the rank-increasing paths of a component). The
+        loop calls no other jit function: the interpreter pays for every nested call.
         """
         go = active
         trips = 0
@@ -162,9 +174,10 @@ if triton is not None:
             pb = tl.where(go & ((eb >> 32) == level), eb & 0xFFFFFFFF, b)
             roots = go & (pa == a) & (pb == b)
             try_ = roots & (a != b)
-            small = tl.where(try_, tl.minimum(a, b), 0)
-            cur = tl.where(try_, tl.where(a < b, ea, eb), -2)  # -2: no entry holds it, so no write
-            old = tl.atomic_cas(uf + small, cur, tl.where(try_, (level << 32) | tl.maximum(a, b), -2))
+            a_low = ((a * 2654435761) & 0xFFFFFFFF) < ((b * 2654435761) & 0xFFFFFFFF)
+            low = tl.where(try_, tl.where(a_low, a, b), 0)
+            cur = tl.where(try_, tl.where(a_low, ea, eb), -2)  # -2: no entry holds it, so no write
+            old = tl.atomic_cas(uf + low, cur, tl.where(try_, (level << 32) | tl.where(a_low, b, a), -2))
             go = go & ~(roots & ((a == b) | (old == cur)))
             ga = tl.load(uf + pa, mask=go & (pa != a), other=-1, volatile=True)
             gb = tl.load(uf + pb, mask=go & (pb != b), other=-1, volatile=True)
@@ -178,6 +191,28 @@ if triton is not None:
         return trips
 
     @triton.jit
+    def _uf_find2(uf, a, b, level, go_a, go_b):
+        """Roots of a and b (lanes go_a / go_b) with path halving; returns (root a, root b, loop trips)."""
+        trips = 0
+        while tl.max((go_a | go_b).to(tl.int32), axis=0) > 0:
+            ea = tl.load(uf + a, mask=go_a, other=-1, volatile=True)
+            eb = tl.load(uf + b, mask=go_b, other=-1, volatile=True)
+            pa = tl.where((ea >> 32) == level, ea & 0xFFFFFFFF, a)
+            pb = tl.where((eb >> 32) == level, eb & 0xFFFFFFFF, b)
+            go_a = go_a & (pa != a)
+            go_b = go_b & (pb != b)
+            ga = tl.load(uf + pa, mask=go_a, other=-1, volatile=True)
+            gb = tl.load(uf + pb, mask=go_b, other=-1, volatile=True)
+            ga = tl.where((ga >> 32) == level, ga & 0xFFFFFFFF, pa)
+            gb = tl.where((gb >> 32) == level, gb & 0xFFFFFFFF, pb)
+            tl.store(uf + a, (level << 32) | ga, mask=go_a & (ga != pa))
+            tl.store(uf + b, (level << 32) | gb, mask=go_b & (gb != pb))
+            a = tl.where(go_a, ga, a)
+            b = tl.where(go_b, gb, b)
+            trips += 1
+        return a, b, trips
+
+    @triton.jit
     def _krt_left(t, m_edges, beta):
         """Edges with bit beta = 0 whose block has a right half (the others relabel nothing)."""
         return (((t >> beta) & 1) == 0) & ((((t >> beta) | 1) << beta) < m_edges)
@@ -187,7 +222,7 @@ if triton is not None:
         """Every endpoint label of a left edge points at its largest incident left edge's node (atomic max).
 
         Lane = half edge (edge i, endpoint j). Entries of other levels are smaller, so the max
-        also overwrites them; node ids exceed label ids, so parents stay larger than children.
+        also overwrites them. Labels never become roots again this level, so no link targets them.
         """
         h = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         i = h // 2
@@ -205,45 +240,37 @@ if triton is not None:
         b = i // m_edges
         t = i - b * m_edges
         left = (h < 2 * total) & _krt_left(t, m_edges, beta)
-        lvl = level.to(tl.int64)
         node = b * nodes + n + t
         top = tl.load(uf + tl.load(labels + h, mask=left, other=0), mask=left, other=-1, volatile=True) & 0xFFFFFFFF
-        tl.atomic_max(trips, _uf_union(uf, node, top, lvl, left & (top != node)))
+        tl.atomic_max(trips, _uf_union(uf, node, top, level.to(tl.int64), left & (top != node)))
 
     @triton.jit(do_not_specialize=["beta", "level"])
-    def _krt_relabel_kernel(labels, uf, trips, total, m_edges, beta, level, BLOCK: tl.constexpr):
-        """Edges with bit beta = 1 take their endpoints' roots (tops of the left half's components) as labels.
-
-        Both endpoints climb in one loop, halving paths.
-        """
+    def _krt_top_kernel(uf, top, trips, total, m_edges, nodes, n, beta, level, BLOCK: tl.constexpr):
+        """Every component's top: the largest node id in it, stamped with the level, at its root (atomic max)."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < total
+        b = i // m_edges
+        t = i - b * m_edges
+        left = (i < total) & _krt_left(t, m_edges, beta)
+        lvl = level.to(tl.int64)
+        node = b * nodes + n + t
+        root, _, k = _uf_find2(uf, node, node, lvl, left, left & False)
+        tl.atomic_max(top + root, (lvl << 32) | node, mask=left)
+        tl.atomic_max(trips, k)
+
+    @triton.jit(do_not_specialize=["beta", "level"])
+    def _krt_relabel_kernel(labels, uf, top, trips, total, m_edges, beta, level, BLOCK: tl.constexpr):
+        """Edges with bit beta = 1 take the tops of their endpoints' components in the left half as labels."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         t = i % m_edges
-        right = mask & (((t >> beta) & 1) == 1)
+        right = (i < total) & (((t >> beta) & 1) == 1)
         lvl = level.to(tl.int64)
         a = tl.load(labels + 2 * i, mask=right, other=0).to(tl.int64)
         b = tl.load(labels + 2 * i + 1, mask=right, other=0).to(tl.int64)
-        go_a = right
-        go_b = right
-        k = 0
-        while tl.max((go_a | go_b).to(tl.int32), axis=0) > 0:
-            ea = tl.load(uf + a, mask=go_a, other=-1, volatile=True)
-            eb = tl.load(uf + b, mask=go_b, other=-1, volatile=True)
-            pa = tl.where((ea >> 32) == lvl, ea & 0xFFFFFFFF, a)
-            pb = tl.where((eb >> 32) == lvl, eb & 0xFFFFFFFF, b)
-            go_a = go_a & (pa != a)
-            go_b = go_b & (pb != b)
-            ga = tl.load(uf + pa, mask=go_a, other=-1, volatile=True)
-            gb = tl.load(uf + pb, mask=go_b, other=-1, volatile=True)
-            ga = tl.where((ga >> 32) == lvl, ga & 0xFFFFFFFF, pa)
-            gb = tl.where((gb >> 32) == lvl, gb & 0xFFFFFFFF, pb)
-            tl.store(uf + a, (lvl << 32) | ga, mask=go_a & (ga != pa))
-            tl.store(uf + b, (lvl << 32) | gb, mask=go_b & (gb != pb))
-            a = tl.where(go_a, ga, a)
-            b = tl.where(go_b, gb, b)
-            k += 1
-        tl.store(labels + 2 * i, a.to(tl.int32), mask=right)
-        tl.store(labels + 2 * i + 1, b.to(tl.int32), mask=right)
+        ra, rb, k = _uf_find2(uf, a, b, lvl, right, right)
+        ta = tl.load(top + ra, mask=right, other=-1)
+        tb = tl.load(top + rb, mask=right, other=-1)
+        tl.store(labels + 2 * i, tl.where((ta >> 32) == lvl, ta & 0xFFFFFFFF, a).to(tl.int32), mask=right)
+        tl.store(labels + 2 * i + 1, tl.where((tb >> 32) == lvl, tb & 0xFFFFFFFF, b).to(tl.int32), mask=right)
         tl.atomic_max(trips, k)
 
     # ------------------------------------------------------------------------------------------
@@ -324,7 +351,7 @@ def boruvka_mst(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: i
         if found < bsz * (n - 1):
             while True:
                 counts[3] = 0
-                _launch(_jump_kernel, total_v, nxt, counts[3:], total_v)
+                _launch(_jump_kernel, total_v, nxt, counts[3:], total_v, STEPS=JUMP_STEPS)
                 if _read(counts[3:])[0] == 0:
                     break
             comp, nxt = nxt, comp
@@ -342,15 +369,17 @@ def krt_children(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     nodes = 2 * n - 1
     base = (torch.arange(bsz, device=src.device) * nodes)[:, None]
     labels = torch.stack([src + base, dst + base], dim=2).to(torch.int32).contiguous()
+    levels = m_edges.bit_length()
+    trips = torch.zeros(levels, 3, dtype=torch.int32, device=src.device)
     uf = torch.full((bsz * nodes,), -1, dtype=torch.int64, device=src.device)
-    trips = torch.zeros(2, dtype=torch.int32, device=src.device)
+    top = torch.full_like(uf, -1)
     total = bsz * m_edges
-    for level, beta in enumerate(reversed(range(m_edges.bit_length()))):
+    for level, beta in enumerate(reversed(range(levels))):
         _launch(_krt_hook_kernel, 2 * total, labels, uf, total, m_edges, nodes, n, beta, level)
-        _launch(_krt_union_kernel, 2 * total, labels, uf, trips[0:], total, m_edges, nodes, n, beta, level)
-        _launch(_krt_relabel_kernel, total, labels, uf, trips[1:], total, m_edges, beta, level)
-    COUNTS["_krt_union_kernel:trips"] = max(COUNTS["_krt_union_kernel:trips"], int(trips[0]))
-    COUNTS["_krt_relabel_kernel:trips"] = max(COUNTS["_krt_relabel_kernel:trips"], int(trips[1]))
+        _launch(_krt_union_kernel, 2 * total, labels, uf, trips[level, 0:], total, m_edges, nodes, n, beta, level)
+        _launch(_krt_top_kernel, total, uf, top, trips[level, 1:], total, m_edges, nodes, n, beta, level)
+        _launch(_krt_relabel_kernel, total, labels, uf, top, trips[level, 2:], total, m_edges, beta, level)
+    TRIPS.update(zip(["_krt_union_kernel", "_krt_top_kernel", "_krt_relabel_kernel"], trips.T))
     return labels.to(torch.int64) - base[:, :, None]
 
 
@@ -383,13 +412,13 @@ def _single_pixels(bsz: int, dev: torch.device) -> TreeArrays:
                       zeros + 1)
 
 
-def _tree_from_mst(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: int, stage: Stage) -> TreeArrays:
-    """Sorted MST edges (B, N-1) -> KRT and leaf ranges."""
+def _tree_from_mst(edges: torch.Tensor, weight: torch.Tensor, n: int, stage: Stage) -> TreeArrays:
+    """Sorted MST edges (B, N-1, 2) -> KRT and leaf ranges."""
     with stage("krt"):
-        children = krt_children(src, dst, n)
+        children = krt_children(edges[:, :, 0], edges[:, :, 1], n)
     with stage("leaf ranges"):
         order, lo, hi = leaf_ranges(children, n)
-    return TreeArrays(torch.stack([src, dst], dim=2), weight, children, order, lo, hi)
+    return TreeArrays(edges, weight, children, order, lo, hi)
 
 
 def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArrays:
@@ -398,8 +427,8 @@ def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArray
     n = h * w
     if n == 1:
         return _single_pixels(bsz, guide.device)
-    src, dst = grid_edges(h, w, guide.device)
     with stage("weights"):
+        src, dst = grid_edges(h, w, guide.device)
         weight = grid_weights(guide)
     with stage("mst"):
         mst = boruvka_mst(src, dst, weight, n)
@@ -407,7 +436,8 @@ def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArray
         ids = mst.nonzero()[:, 1].view(bsz, n - 1)  # row-major: each image's MST edges by edge id
         weight, perm = torch.sort(weight.masked_select(mst).view(bsz, n - 1), dim=1, stable=True)
         ids = ids.gather(1, perm)
-    return _tree_from_mst(src[ids], dst[ids], weight, n, stage)
+        edges = torch.stack([src[ids], dst[ids]], dim=2)
+    return _tree_from_mst(edges, weight, n, stage)
 
 
 def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = no_stage) -> TreeArrays:
@@ -416,9 +446,9 @@ def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = 
     n = h * w
     if n == 1:
         return _single_pixels(bsz, features.device)
-    src, dst = edges[:, :, 0], edges[:, :, 1]
     with stage("weights"):
-        weight = pair_weights(features, src, dst)
+        weight = pair_weights(features, edges[:, :, 0], edges[:, :, 1])
     with stage("sort"):
         weight, perm = torch.sort(weight, dim=1, stable=True)
-    return _tree_from_mst(src.gather(1, perm), dst.gather(1, perm), weight, n, stage)
+        edges = edges.gather(1, perm[:, :, None].expand(-1, -1, 2))
+    return _tree_from_mst(edges, weight, n, stage)

@@ -22,8 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import gp_propagate, gp_tree, gp_tree_triton, lp
-from ._triton import INTERPRETED, triton, triton_ready
+from . import _triton, gp_propagate, gp_tree, gp_tree_triton, lp
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -56,13 +55,13 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_ready(device) else "cpu"
-    if backend == "triton" and not triton_ready(device):
-        if triton is None:
+        return "triton" if device.type == "cuda" and _triton.triton_ready(device) else "cpu"
+    if backend == "triton" and not _triton.triton_ready(device):
+        if _triton.triton is None:
             raise ValueError("backend 'triton' needs the triton package; use backend='cpu' or 'torch'")
         raise ValueError(
             f"backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before maskclip_apro is imported "
-            f"(interpreter active: {INTERPRETED}); got tensors on {device}"
+            f"(interpreter active: {_triton.INTERPRETED}); got tensors on {device}"
         )
     return backend
 

@@ -88,7 +88,7 @@ def test_launch_counts_are_logarithmic():
     rounds = counts["_mst_hook_kernel"]
     assert 1 <= rounds <= math.ceil(math.log2(n))
     assert counts["_mst_min_kernel"] == counts["_mst_pick_kernel"] == rounds
-    for kernel in ["_krt_hook_kernel", "_krt_union_kernel", "_krt_relabel_kernel"]:
+    for kernel in ["_krt_hook_kernel", "_krt_union_kernel", "_krt_top_kernel", "_krt_relabel_kernel"]:
         assert counts[kernel] == m.bit_length()
     assert counts["_rank_kernel"] == math.ceil(math.log2(2 * (2 * n - 1) - 1))
     assert counts["_tour_kernel"] == counts["_ranges_kernel"] == 1
