@@ -166,7 +166,7 @@ if triton is not None:
         loop calls no other jit function: the interpreter pays for every nested call.
         """
         go = active
-        trips = 0
+        trips = tl.zeros((), tl.int32)
         while tl.max(go.to(tl.int32), axis=0) > 0:
             ea = tl.load(uf + a, mask=go, other=-1, volatile=True)
             eb = tl.load(uf + b, mask=go, other=-1, volatile=True)
@@ -175,7 +175,7 @@ if triton is not None:
             roots = go & (pa == a) & (pb == b)
             try_ = roots & (a != b)
             a_low = ((a * 2654435761) & 0xFFFFFFFF) < ((b * 2654435761) & 0xFFFFFFFF)
-            low = tl.where(try_, tl.where(a_low, a, b), 0)
+            low = tl.where(try_, tl.where(a_low, a, b), a)  # lanes not trying: their own entry, no contention
             cur = tl.where(try_, tl.where(a_low, ea, eb), -2)  # -2: no entry holds it, so no write
             old = tl.atomic_cas(uf + low, cur, tl.where(try_, (level << 32) | tl.where(a_low, b, a), -2))
             go = go & ~(roots & ((a == b) | (old == cur)))
@@ -193,7 +193,7 @@ if triton is not None:
     @triton.jit
     def _uf_find2(uf, a, b, level, go_a, go_b):
         """Roots of a and b (lanes go_a / go_b) with path halving; returns (root a, root b, loop trips)."""
-        trips = 0
+        trips = tl.zeros((), tl.int32)
         while tl.max((go_a | go_b).to(tl.int32), axis=0) > 0:
             ea = tl.load(uf + a, mask=go_a, other=-1, volatile=True)
             eb = tl.load(uf + b, mask=go_b, other=-1, volatile=True)
@@ -253,7 +253,7 @@ if triton is not None:
         left = (i < total) & _krt_left(t, m_edges, beta)
         lvl = level.to(tl.int64)
         node = b * nodes + n + t
-        root, _, k = _uf_find2(uf, node, node, lvl, left, left & False)
+        root, _, k = _uf_find2(uf, node, node, lvl, left, tl.zeros_like(left))
         tl.atomic_max(top + root, (lvl << 32) | node, mask=left)
         tl.atomic_max(trips, k)
 

@@ -1,4 +1,4 @@
-"""The one table of APro ops and their implementation per backend, and the rules that choose one.
+"""The one table of APro ops and their implementation per backend, and the rules that choose one (docs/kernels.md).
 
 Ops and their one signature (every backend takes and returns the same tensors):
 

@@ -1,4 +1,4 @@
-"""APro local affinity propagation (LP): a colour-affinity stencil iterated T times."""
+"""APro local affinity propagation (LP): a colour-affinity stencil iterated T times (docs/kernels.md)."""
 
 from __future__ import annotations
 
