@@ -1,8 +1,8 @@
 """GP tree build on the CPU: the minimum spanning tree (MST) of a weighted edge list and its Kruskal reconstruction tree (KRT).
 
 Every tree-build implementation (this module's reference and numba path, `gp_tree_triton`)
-returns the same `TreeArrays` for one batch of images; docs/kernels.md explains the
-algorithms and how they are checked against each other.
+returns the same `Tree` for one batch of images; docs/kernels.md explains the algorithms and
+how they are checked against each other.
 
 Edges are ordered by (weight, position in the input edge list): ties are broken by the
 input order, so every implementation finds the same MST and builds the same KRT. Node ids:
@@ -13,34 +13,61 @@ and the DFS that visits first children first lays every node's leaves out in one
 range [lo, hi) of the leaf order.
 
 Ops (one signature per op across backends):
-    build_tree(guide (B, C, H, W)) -> TreeArrays      MST of the 4-connected grid, squared L2 weights
-    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> TreeArrays   same edges, new weights
+    build_tree(guide (B, C, H, W)) -> Tree      MST of the 4-connected grid, squared L2 weights
+    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> Tree   same edges, new weights
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Callable, ClassVar
 
 import numba
 import numpy as np
 import torch
 
 
-class TreeArrays(NamedTuple):
-    """The tree of every image in a batch (all int64 except altitude, float64).
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """MST and Kruskal reconstruction tree (KRT) of each image in a batch; all tensors on one device.
 
-    edges (B, N-1, 2): MST edges as pixel pairs, ascending (weight, input position);
-    altitude (B, N-1): their weights; children (B, N-1, 2): KRT children of node N+t;
-    order (B, N): pixel at each leaf position; lo, hi (B, 2N-1): leaf range of every KRT node.
+    Pixels are numbered row-major (N = height * width). KRT node ids: leaves 0..N-1 are the
+    pixels, internal node N+t was created by the t-th MST edge in Kruskal (ascending weight) order.
+
+    - edges (B, N-1, 2) int64: MST edges as pixel pairs, in Kruskal order.
+    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t.
+    - children (B, N-1, 2) int64: KRT ids of the two children of internal node N+t.
+    - order (B, N) int64: the pixel at each position of the KRT DFS leaf order.
+    - lo, hi (B, 2N-1) int64: every KRT node's leaves occupy leaf positions [lo, hi).
     """
 
+    ARRAYS: ClassVar[tuple[str, ...]] = ("edges", "altitude", "children", "order", "lo", "hi")
+
+    height: int
+    width: int
     edges: torch.Tensor
     altitude: torch.Tensor
     children: torch.Tensor
     order: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.edges.shape[0]
+
+    @property
+    def num_pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def device(self) -> torch.device:
+        return self.edges.device
+
+    def to(self, device: torch.device | str) -> "Tree":
+        """The same tree with every tensor on `device`."""
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in self.ARRAYS})
 
 
 Stage = Callable[[str], contextlib.AbstractContextManager]
@@ -139,8 +166,9 @@ def kruskal_reference(src: np.ndarray, dst: np.ndarray, n: int) -> tuple[np.ndar
     )
 
 
-def _tree_reference(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: int) -> TreeArrays:
+def _tree_reference(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> Tree:
     """Stable torch.sort of every image's edges, then `kruskal_reference` image by image."""
+    n = height * width
     weight, perm = torch.sort(weight, dim=1, stable=True)
     src, dst = src.gather(1, perm), dst.gather(1, perm)
     s, d = src.cpu().numpy(), dst.cpu().numpy()
@@ -149,21 +177,20 @@ def _tree_reference(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, 
         torch.stack([torch.from_numpy(p[i]) for p in per_image]).to(src.device) for i in range(4)
     )
     edges = torch.stack([src.gather(1, accepted), dst.gather(1, accepted)], dim=2)
-    return TreeArrays(edges, weight.gather(1, accepted), children, leaf_order(lo, n), lo, lo + size)
+    return Tree(height, width, edges, weight.gather(1, accepted), children, leaf_order(lo, n), lo, lo + size)
 
 
-def build_tree_reference(guide: torch.Tensor) -> TreeArrays:
+def build_tree_reference(guide: torch.Tensor) -> Tree:
     """torch backend: grid weights in torch, stable sort, plain-Python Kruskal."""
     bsz, _, h, w = guide.shape
     src, dst = grid_edges(h, w, guide.device)
-    return _tree_reference(src.expand(bsz, -1), dst.expand(bsz, -1), grid_weights(guide), h * w)
+    return _tree_reference(src.expand(bsz, -1), dst.expand(bsz, -1), grid_weights(guide), h, w)
 
 
-def reweight_reference(edges: torch.Tensor, features: torch.Tensor) -> TreeArrays:
+def reweight_reference(edges: torch.Tensor, features: torch.Tensor) -> Tree:
     """torch backend: the given MST edges with weights from `features`, KRT rebuilt by Kruskal."""
     src, dst = edges[:, :, 0], edges[:, :, 1]
-    n = features.shape[2] * features.shape[3]
-    return _tree_reference(src, dst, pair_weights(features, src, dst), n)
+    return _tree_reference(src, dst, pair_weights(features, src, dst), *features.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +369,8 @@ def _ranges_batch(children, n, order, lo, hi):
         _leaf_ranges(children[b], n, order[b], lo[b], hi[b])
 
 
-def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, n: int, stage: Stage = no_stage) -> TreeArrays:
+def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, height: int, width: int,
+             stage: Stage = no_stage) -> Tree:
     """Batched radix sort, Kruskal (MST and KRT in one pass) and leaf ranges with numba.
 
     src/dst (B, E) int64 edges in any order (a broadcast view is fine), weight (B, E) float64 >= 0.
@@ -351,6 +379,7 @@ def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, n: int, stage
     scratch fault in 4 KiB pages and were measurably slower.
     """
     bsz, m = weight.shape
+    n = height * width
     edges = np.empty((bsz, n - 1, 2), dtype=np.int64)
     altitude = np.empty((bsz, n - 1), dtype=np.float64)
     children = np.empty((bsz, n - 1, 2), dtype=np.int64)
@@ -366,10 +395,10 @@ def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, n: int, stage
         _kruskal_batch(sort_buf, n, union_find, edges, altitude, children, hi)
     with stage("leaf ranges"):
         _ranges_batch(children, n, order, lo, hi)
-    return TreeArrays(*(torch.from_numpy(a) for a in (edges, altitude, children, order, lo, hi)))
+    return Tree(height, width, *(torch.from_numpy(a) for a in (edges, altitude, children, order, lo, hi)))
 
 
-def build_tree_cpu(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArrays:
+def build_tree_cpu(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
     """cpu backend: numba grid weights, radix sort, Kruskal, leaf ranges (CPU tensors)."""
     bsz, _, h, w = guide.shape
     g = guide.detach()
@@ -378,12 +407,11 @@ def build_tree_cpu(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArrays:
     with stage("weights"):
         weight = grid_weights_cpu(g)
     src, dst = np.broadcast_to(src, (bsz, src.size)), np.broadcast_to(dst, (bsz, dst.size))
-    return tree_cpu(src, dst, weight, h * w, stage)
+    return tree_cpu(src, dst, weight, h, w, stage)
 
 
-def reweight_cpu(edges: torch.Tensor, features: torch.Tensor) -> TreeArrays:
+def reweight_cpu(edges: torch.Tensor, features: torch.Tensor) -> Tree:
     """cpu backend: `pair_weights`, then the numba sort / Kruskal / leaf ranges over the N-1 given edges."""
     src, dst = edges[:, :, 0], edges[:, :, 1]
     weight = pair_weights(features, src, dst)
-    n = features.shape[2] * features.shape[3]
-    return tree_cpu(src.numpy(), dst.numpy(), weight.numpy(), n)
+    return tree_cpu(src.numpy(), dst.numpy(), weight.numpy(), *features.shape[2:])

@@ -1,6 +1,6 @@
 """GP tree build on the GPU, parallel in every stage: Triton kernels, with torch ops for weights and sorting.
 
-Returns exactly the `gp_tree.TreeArrays` of the CPU path (same MST, same KRT, same leaf order).
+Returns exactly the `gp_tree.Tree` of the CPU path (same MST, same KRT, same leaf order).
 A batch of B images is one graph with B components (vertex b*N + x, edge b*E + e), so every
 launch covers the whole batch. Stages (docs/kernels.md gives the proofs and the counts):
 
@@ -39,7 +39,7 @@ import collections
 import torch
 
 from ._triton import INTERPRETED, tl, triton
-from .gp_tree import Stage, TreeArrays, grid_edges, grid_weights, no_stage, pair_weights
+from .gp_tree import Stage, Tree, grid_edges, grid_weights, no_stage, pair_weights
 
 COUNTS: collections.Counter = collections.Counter()  # kernel name -> launches
 READS: collections.Counter = collections.Counter()  # host reads of device values (synchronisations)
@@ -405,23 +405,24 @@ def leaf_ranges(children: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
     return order, lo, hi
 
 
-def _single_pixels(bsz: int, dev: torch.device) -> TreeArrays:
+def _single_pixels(bsz: int, dev: torch.device) -> Tree:
     empty = torch.empty(bsz, 0, 2, dtype=torch.int64, device=dev)
     zeros = torch.zeros(bsz, 1, dtype=torch.int64, device=dev)
-    return TreeArrays(empty, torch.empty(bsz, 0, dtype=torch.float64, device=dev), empty.clone(), zeros, zeros.clone(),
-                      zeros + 1)
+    return Tree(1, 1, empty, torch.empty(bsz, 0, dtype=torch.float64, device=dev), empty.clone(), zeros,
+                zeros.clone(), zeros + 1)
 
 
-def _tree_from_mst(edges: torch.Tensor, weight: torch.Tensor, n: int, stage: Stage) -> TreeArrays:
+def _tree_from_mst(edges: torch.Tensor, weight: torch.Tensor, height: int, width: int, stage: Stage) -> Tree:
     """Sorted MST edges (B, N-1, 2) -> KRT and leaf ranges."""
+    n = height * width
     with stage("krt"):
         children = krt_children(edges[:, :, 0], edges[:, :, 1], n)
     with stage("leaf ranges"):
         order, lo, hi = leaf_ranges(children, n)
-    return TreeArrays(edges, weight, children, order, lo, hi)
+    return Tree(height, width, edges, weight, children, order, lo, hi)
 
 
-def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArrays:
+def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
     """triton backend: grid weights, Borůvka MST, sort, KRT, leaf ranges; all on the guide's device."""
     bsz, _, h, w = guide.shape
     n = h * w
@@ -437,10 +438,10 @@ def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> TreeArray
         weight, perm = torch.sort(weight.masked_select(mst).view(bsz, n - 1), dim=1, stable=True)
         ids = ids.gather(1, perm)
         edges = torch.stack([src[ids], dst[ids]], dim=2)
-    return _tree_from_mst(edges, weight, n, stage)
+    return _tree_from_mst(edges, weight, h, w, stage)
 
 
-def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = no_stage) -> TreeArrays:
+def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = no_stage) -> Tree:
     """triton backend: the given MST edges with weights from `features`, sorted; KRT and leaf ranges rebuilt."""
     bsz, _, h, w = features.shape
     n = h * w
@@ -451,4 +452,4 @@ def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = 
     with stage("sort"):
         weight, perm = torch.sort(weight, dim=1, stable=True)
         edges = edges.gather(1, perm[:, :, None].expand(-1, -1, 2))
-    return _tree_from_mst(edges, weight, n, stage)
+    return _tree_from_mst(edges, weight, h, w, stage)

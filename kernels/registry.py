@@ -2,8 +2,8 @@
 
 Ops and their one signature (every backend takes and returns the same tensors):
 
-    build_tree(guide (B, C, H, W)) -> gp_tree.TreeArrays
-    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> gp_tree.TreeArrays
+    build_tree(guide (B, C, H, W)) -> gp_tree.Tree
+    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> gp_tree.Tree
     propagate(unary (B, K, N), order, lo, hi, children, altitude, zeta) -> (B, K, N)
     local_propagation(unary (B, K, H, W), image (B, C, H, W), zeta_s, kernel_size, iters) -> (B, K, H, W)
 
@@ -67,11 +67,7 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def _move(x, device: torch.device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return type(x)(*(_move(v, device) for v in x)) if hasattr(x, "_fields") else tuple(_move(v, device) for v in x)
-    return x
+    return x.to(device) if isinstance(x, (torch.Tensor, gp_tree.Tree)) else x
 
 
 def run(op: str, backend: str, *args):

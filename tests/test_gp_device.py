@@ -53,13 +53,16 @@ def test_device_tree_equals_cpu_tree(shape):
     mst = gp_tree_triton.boruvka_mst(src, dst, gp_tree.grid_weights(g), h * w)
     assert [set(row.nonzero()[:, 0].tolist()) for row in mst] == edge_ids(cpu.edges, h, w)  # edge for edge
     device = gp_tree_triton.build_tree_triton(g)
-    for field in gp_tree.TreeArrays._fields:  # same sorted MST, KRT children, leaf order and ranges
+    assert (device.height, device.width) == (cpu.height, cpu.width) == (h, w)
+    for field in gp_tree.Tree.ARRAYS:  # same sorted MST, KRT children, leaf order and ranges
         assert torch.equal(getattr(device, field), getattr(cpu, field)), field
 
 
 def test_single_pixels():
     g = torch.rand(3, 2, 1, 1)
-    for field, a, b in zip(gp_tree.TreeArrays._fields, gp_tree_triton.build_tree_triton(g), gp_tree.build_tree_cpu(g)):
+    device, cpu = gp_tree_triton.build_tree_triton(g), gp_tree.build_tree_cpu(g)
+    for field in gp_tree.Tree.ARRAYS:
+        a, b = getattr(device, field), getattr(cpu, field)
         assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), field
 
 
@@ -73,7 +76,7 @@ def test_device_reweight_equals_cpu_and_reference(shape):
     device = gp_tree_triton.reweight_triton(tree.edges, features)
     cpu = gp_tree.reweight_cpu(tree.edges, features)
     reference = gp_tree.reweight_reference(tree.edges, features)
-    for field in gp_tree.TreeArrays._fields:
+    for field in gp_tree.Tree.ARRAYS:
         assert torch.equal(getattr(device, field), getattr(cpu, field)), field
         assert torch.equal(getattr(reference, field), getattr(cpu, field)), field
 

@@ -12,48 +12,11 @@ ordered by weight, ties by edge index); docs/kernels.md describes each implement
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from maskclip_apro.apro._checks import check_map, check_pair, check_positive
 from maskclip_apro.kernels import registry
-
-
-@dataclass(frozen=True)
-class Tree:
-    """MST and Kruskal reconstruction tree (KRT) of each image in a batch; all tensors on the guide's device.
-
-    Pixels are numbered row-major (N = height * width). KRT node ids: leaves 0..N-1 are the
-    pixels, internal node N+t was created by the t-th MST edge in Kruskal (ascending weight) order.
-
-    - edges (B, N-1, 2) int64: MST edges as pixel pairs, in Kruskal order.
-    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t.
-    - children (B, N-1, 2) int64: KRT ids of the two children of internal node N+t.
-    - order (B, N) int64: the pixel at each position of the KRT DFS leaf order.
-    - lo, hi (B, 2N-1) int64: every KRT node's leaves occupy leaf positions [lo, hi).
-    """
-
-    height: int
-    width: int
-    edges: torch.Tensor
-    altitude: torch.Tensor
-    children: torch.Tensor
-    order: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.edges.shape[0]
-
-    @property
-    def num_pixels(self) -> int:
-        return self.height * self.width
-
-    @property
-    def device(self) -> torch.device:
-        return self.edges.device
+from maskclip_apro.kernels.gp_tree import Tree
 
 
 def _check_matches(name: str, x: torch.Tensor, tree: Tree) -> None:
@@ -75,7 +38,7 @@ def build_tree(guide: torch.Tensor, *, backend: str = "auto") -> Tree:
 
 
 def _build_tree(guide: torch.Tensor, name: str) -> Tree:
-    return Tree(guide.shape[2], guide.shape[3], *registry.run("build_tree", name, guide))
+    return registry.run("build_tree", name, guide)
 
 
 def reweight(tree: Tree, features: torch.Tensor, *, backend: str = "auto") -> Tree:
@@ -83,7 +46,7 @@ def reweight(tree: Tree, features: torch.Tensor, *, backend: str = "auto") -> Tr
     check_map("features", features)
     _check_matches("features", features, tree)
     name = registry.resolve(backend, features.device)
-    return Tree(tree.height, tree.width, *registry.run("reweight", name, tree.edges, features))
+    return registry.run("reweight", name, tree.edges, features)
 
 
 def propagate(tree: Tree, unary: torch.Tensor, zeta: float, *, backend: str = "auto") -> torch.Tensor:
