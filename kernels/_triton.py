@@ -1,4 +1,4 @@
-"""The one place that imports Triton and decides whether Triton kernels can run.
+"""The one place that imports Triton and decides whether Triton kernels can run (docs/kernels.md).
 
 `triton` and `tl` are None when the package is missing (every kernel module guards its
 `@triton.jit` definitions on that). `INTERPRETED` records whether kernels were decorated
