@@ -198,7 +198,7 @@ def _cpu_pack(unary, r, bufs, first, last):  # pragma: no cover - compiled
                         row[at + q] = 0
 
 
-UNROLL_MAX = 9  # larger windows use the loop form: straight-line code grows as k^2 (k = 33 compiled for 39 s)
+UNROLL_MAX = 9  # larger windows use the loop form: straight-line code and its compile time grow as k^2
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"contract"})
