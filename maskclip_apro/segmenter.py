@@ -108,7 +108,7 @@ class Segmenter:
 
     @torch.no_grad()
     def unary(self, image: torch.Tensor):
-        """Generator output for a (B, 3, H, W) batch in [0, 1]."""
+        """Generator output for a (B, 3, H, W) batch in [0, 1]: .logits (B, K, h, w), .keys, .features (B, D, h, w)."""
         return self.generator(image)
 
     @staticmethod
@@ -128,7 +128,11 @@ class Segmenter:
     def predict_many(
         self, image: ImageLike, chains: Mapping[str, Chain], keep_probs: bool = True
     ) -> dict[str, Prediction]:
-        """Run the generator once and every chain on the same unary (the compare table's protocol)."""
+        """Run the generator once and every chain on the same unary (the compare table's protocol).
+
+        Labels are the argmax of bilinearly upsampled scores: the refined probabilities, or the
+        generator's logits for a chain without refiners (as mmseg upsamples MaskCLIP's head output).
+        """
         array = to_array(image)
         device = getattr(self.generator, "device", "cpu")
         image_tensor = to_tensor(array, device)
@@ -139,7 +143,9 @@ class Segmenter:
         predictions = {}
         for name, chain in chains.items():
             probs = chain(probs0, guidance)
-            labels = labels_at(probs, array.shape[:2])[0].cpu().numpy().astype(np.int64)
+            # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
+            scores = probs if chain.refiners else out.logits.float()
+            labels = labels_at(scores, array.shape[:2])[0].cpu().numpy().astype(np.int64)
             predictions[name] = Prediction(
                 labels=labels,
                 probs=probs[0].cpu() if keep_probs else torch.empty(0),

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from maskclip_apro.apro import build_tree, global_propagation, local_propagation, propagate, reweight
 from maskclip_apro.refiners import Chain, Guidance, build_refiner
 from maskclip_apro.refiners.apro import APro, guide_size, work_size
-from maskclip_apro.refiners.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def normalized(image):
-    """(x - mean) / std written out per channel: the oracle of Guidance.normalized_image()."""
-    return torch.stack([(image[:, c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c] for c in range(3)], dim=1)
+    """(x - mean) / std with ImageNet's statistics written out: the oracle of Guidance.normalized_image()."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return torch.stack([(image[:, c] - mean[c]) / std[c] for c in range(3)], dim=1)
 
 
 def _case(seed=0, k=3, h=12, w=10):

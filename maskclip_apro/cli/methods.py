@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ..config import protocol_name
 from ..data.io import atomic_write
 from ..data.palette import voc_palette
 from ..evaluation import ConfusionMatrix
@@ -56,10 +57,6 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
     """mIoU and seconds per image of every method over the dataset; resumable (module doc)."""
     dataset, class_names = open_inputs(cfg)
     segmenter = Segmenter.from_config(cfg, class_names)
-    skipped = [m for m, steps in methods.items() if "ks" in steps and not segmenter.generator.has_keys]
-    if skipped:
-        print(f"{cfg.model.name} has no attention keys: key smoothing methods skipped: {skipped}")
-        methods = {m: steps for m, steps in methods.items() if m not in skipped}
     names = list(methods)
     tag = fingerprint(cfg, methods)
     chains = {m: Chain.from_steps(steps, cfg.refine) for m, steps in methods.items()}
@@ -102,7 +99,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
     return {
         "images": len(dataset),
         "reused": reused,
-        "skipped_methods": skipped,
+        "protocol": protocol_name(cfg),
         "classes": class_names,
         "generator_seconds_per_image": generator_seconds / n,
         "methods": {
@@ -115,7 +112,8 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
 def methods_table(results: dict) -> str:
     """Markdown: method, mIoU, refiner seconds per image."""
     lines = [
-        f"MaskCLIP generator: {results['generator_seconds_per_image']:.3f} s/img over {results['images']} images",
+        f"MaskCLIP generator, protocol {results['protocol']}: "
+        f"{results['generator_seconds_per_image']:.3f} s/img over {results['images']} images",
         "",
         "| Method | mIoU (%) | pixel acc (%) | refiner s/img |",
         "|---|---:|---:|---:|",

@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ..config import hydra_app
+from ..config import hydra_app, protocol_name
 from ..data.io import atomic_write, load_label, save_label_png, save_overlay
 from ..data.palette import voc_palette
 from ..evaluation import ConfusionMatrix, format_table
@@ -40,8 +40,6 @@ def run(cfg: DictConfig) -> dict:
     chains = {"main": segmenter.refiner}
     if cfg.panel:
         for title, steps in PANEL_STEPS.items():
-            if "ks" in steps and not segmenter.generator.has_keys:
-                continue
             chains[title] = Chain.from_steps(steps, cfg.refine)
     matrix = ConfusionMatrix(len(class_names), ignore_index=dataset.ignore_index)
     labelled = done = skipped = 0
@@ -73,6 +71,7 @@ def run(cfg: DictConfig) -> dict:
             labelled += 1
     summary = {
         "images": len(dataset),
+        "protocol": protocol_name(cfg),
         "refined": done,
         "skipped": skipped,
         "wall_seconds": time.perf_counter() - start,

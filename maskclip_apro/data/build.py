@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..geometry import check_img_scale
+from .ade import ADE20KDataset
+from .cityscapes import CityscapesDataset
+from .cocoobject import COCOObjectDataset
 from .cocostuff import COCOStuffDataset
 from .context import PascalContextDataset
 from .folder import FolderDataset, ImagesDataset
@@ -20,6 +23,9 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "context59": lambda root, split, **kw: PascalContextDataset(root, split, num_classes=59, **kw),
     "context60": lambda root, split, **kw: PascalContextDataset(root, split, num_classes=60, **kw),
     "cocostuff171": lambda root, split, **kw: COCOStuffDataset(root, split, **kw),
+    "cocoobject81": lambda root, split, **kw: COCOObjectDataset(root, split, **kw),
+    "cityscapes19": lambda root, split, **kw: CityscapesDataset(root, split, **kw),
+    "ade150": lambda root, split, **kw: ADE20KDataset(root, split, **kw),
     "folder": lambda root, split, **kw: FolderDataset(root, **kw),
     "images": lambda root, split, **kw: ImagesDataset(root, **kw),
 }
@@ -37,8 +43,8 @@ def build_dataset(
     name: str, root: str | Path | list | None = None, split: str = "val", img_scale: Any = None, **kwargs: Any
 ):
     """A dataset by name: synthetic, voc21, voc20, context59, context60, cocostuff171,
-    folder (images + label PNGs + class file) or images (a folder, one image or a list of
-    image files; no labels).
+    cocoobject81, cityscapes19, ade150, folder (images + label PNGs + class file) or images
+    (a folder, one image or a list of image files; no labels).
 
     kwargs: limit (first N samples) for all; label_dir for voc21/voc20; classes for
     folder/images; num_images, size, seed, ignore_boundary for synthetic. split is
