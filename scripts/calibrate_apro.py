@@ -134,8 +134,11 @@ def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
     gp += [{"zeta_g": 0.1, "gp_scale": 2, "second_pass": "output", "zeta_h": h} for h in (0.07, 0.2)]
     lp = [{"zeta_s": z, "lp_scale": l} for z in (0.15, 0.3, 0.5, 0.8) for l in (2, 4, 8)]
     lp += [{"zeta_s": 0.15, "lp_scale": None}]
-    both = [{"zeta_g": 0.1, "gp_scale": g, "zeta_s": 0.5, "lp_scale": 4, "mode": m}
-            for g in (1, 2) for m in ("parallel", "gp_lp", "lp_gp")]
+    both = [{"zeta_g": 0.1, "gp_scale": g, "zeta_s": 0.5, "lp_scale": 4, "mode": "parallel"} for g in (1, 2, 4)]
+    both += [{"zeta_g": 0.1, "gp_scale": 2, "zeta_s": 0.8, "lp_scale": 4, "mode": "parallel"},
+             {"zeta_g": 0.2, "gp_scale": 2, "zeta_s": 0.5, "lp_scale": 4, "mode": "parallel"}]
+    both += [{"zeta_g": 0.1, "gp_scale": g, "zeta_s": 0.5, "lp_scale": 4, "mode": m}
+             for m in ("gp_lp", "lp_gp") for g in (1, 2)]
     steps = ["gp"] * len(gp) + ["lp"] * len(lp) + ["apro"] * len(both)
     changes = gp + lp + both
     for step, change in zip(steps, changes):

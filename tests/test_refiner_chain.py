@@ -134,7 +134,7 @@ def test_the_apro_step_runs_the_configured_combination():
     assert build_refiner("apro", params).mode == "gp_lp" and build_refiner("apro", params).name == "apro"
     assert build_refiner("gp", params).mode == "gp" and build_refiner("lp_gp", params).mode == "lp_gp"
     assert build_refiner("gp_lp_parallel", params).mode == "parallel"
-    assert build_refiner("apro", {}).mode == "gp_lp"  # the class defaults are refine=apro's
+    assert build_refiner("apro", {}).mode == "parallel"  # the class defaults are refine=apro's
     assert params["apro"]["mode"] == "gp_lp"  # the caller's mapping is left alone
 
 

@@ -82,14 +82,14 @@ class APro:
 
     def __init__(
         self,
-        mode: str = "gp_lp",
+        mode: str = "parallel",
         zeta_g: float = 0.1,
         zeta_s: float = 0.5,
         kernel_size: int = 5,
         iters: int = 20,
         second_pass: Optional[str] = None,
         zeta_h: float = 0.07,
-        gp_scale: Optional[float] = 1.0,
+        gp_scale: Optional[float] = 2.0,
         lp_scale: Optional[float] = 4.0,
         backend: str = "auto",
     ) -> None:
