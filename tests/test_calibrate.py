@@ -45,7 +45,7 @@ def test_fast_calibration_prints_the_table():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
     assert [r.split(" | ")[0][2:] for r in rows][:2] == ["unary (no refinement)", "PAMR (dilations 8, 16; 10 iterations)"]
-    assert rows[2].startswith("| refine=apro (the defaults): GP ζ_g 0.1 ×1 → LP ζ_s 0.5 ×4 |") and len(rows) == 3
+    assert rows[2].startswith("| refine=apro (the defaults): GP ζ_g 0.1 ×2 ‖ LP ζ_s 0.5 ×4 |") and len(rows) == 3
     for row in rows:
         cells = [c.strip() for c in row.strip("| ").split(" | ")[1:]]
         assert len(cells) == 3 and all(re.fullmatch(r"\d+\.\d+", c) for c in cells)

@@ -182,3 +182,21 @@ def test_prompt_denoising_no_kept_mass_becomes_uniform_over_kept():
     assert out[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
     out = PromptDenoising(0.5, keep=[0, 2, 3])(probs, g)
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))
+
+
+@pytest.mark.parametrize("model", ["tiny_vit", "tiny_resnet"])
+def test_segmenter_chains_on_tiny_models_give_the_official_argmax(model, tmp_path):
+    """The generator's cosine scores and keys, through our presets and through the official head."""
+    from maskclip_apro.segmenter import Segmenter
+
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(9))
+    seg = Segmenter.from_pretrained(model=model, vocab=["cat", "dog", "grass", "sky"], refine="none",
+                                    overrides=["protocol=maskclip", f"generator.cache_dir={tmp_path}"])
+    out = seg.unary(image)
+    probs, guidance = Segmenter.probabilities(out, image)
+    assert out.keys is not None and out.keys.shape[-2:] == probs.shape[-2:]
+    cos = (out.logits.double() / seg.generator.logit_scale).float()
+    for preset, official in OFFICIAL.items():
+        cfg = compose("refine", [f"refine={preset}"])
+        got = Chain.from_steps(cfg.refine.steps, cfg.refine)(probs, guidance)
+        assert torch.equal(got.flatten(2).argmax(1), official_argmax(cos, out.keys, **official))
