@@ -116,8 +116,7 @@ class APro:
             high = F.normalize(resize(guidance.features.float(), out.shape[-2:]), dim=1)
             return propagate(reweight(tree, high, backend=self.backend), out, self.zeta_h, backend=self.backend)
         b, k, h, w = out.shape  # "output": one tree per image and class, weighted by that class's map
-        per_class = replace(tree, **{f: getattr(tree, f).repeat_interleave(k, dim=0)
-                                     for f in ("edges", "altitude", "children", "order", "lo", "hi")})
+        per_class = replace(tree, **{f: getattr(tree, f).repeat_interleave(k, dim=0) for f in Tree.ARRAYS})
         maps = out.reshape(b * k, 1, h, w)
         return propagate(reweight(per_class, maps, backend=self.backend), maps, self.zeta_h,
                          backend=self.backend).reshape(b, k, h, w)
@@ -137,8 +136,8 @@ class APro:
     def targets(self, probs: torch.Tensor, guidance: Guidance) -> list[torch.Tensor]:
         """The refined maps at the output resolution: [GP, LP] in parallel mode, else one map.
 
-        Training uses them as separate soft targets (seed Table 7, GP-LP-P); the refiner's
-        output is their mean.
+        Training uses them as separate soft targets (the APro paper's GP-LP-P, its Table 7); the
+        refiner's output is their mean.
         """
         check_map("probs", probs)
         image = check_map("guidance.image", guidance.image)
