@@ -98,7 +98,7 @@ def test_evaluate_tags_results_with_the_config(tmp_path):
     cfg = compose("evaluate", _overrides(tmp_path, "model=tiny_vit", "dataset=synthetic", "limit=2", "refine=ks_pd"))
     results = evaluate.run(cfg)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["config"]["refine"]["steps"] == ["ks", "pd"]
+    assert saved["config"]["refine"]["steps"] == ["pd", "ks"]
     assert list(results["methods"]) == ["refine"] or len(results["methods"]) == 1
 
 

@@ -279,7 +279,9 @@ class StubGenerator:
         return SimpleNamespace(logits=logits, keys=None, features=None, image=images)
 
 
-APRO_FAST = {"apro": {"iters": 3, "backend": "torch"}, "pd": {"thresh": 0.5}}
+# APro at the crop's own size (no grid-relative resizing), so the oracle below stays a plain composition
+APRO_FAST = {"apro": {"iters": 3, "backend": "torch", "zeta_s": 0.15, "gp_scale": None, "lp_scale": None},
+             "pd": {"thresh": 0.5}}
 
 
 @pytest.mark.parametrize("steps,weights", [([], []), (["apro"], [2.0, 1.0]), (["lp_gp"], [2.0]), (["gp_lp"], [1.0])])
@@ -293,8 +295,10 @@ def test_teacher_targets(steps, weights):
     t = teacher(images, valid)
     assert t.hard.shape == (2, 16, 16) and t.weights == weights
     p = F.interpolate(torch.softmax(StubGenerator()(images).logits, 1), size=(16, 16), mode="bilinear", align_corners=False)
-    gp = lambda x: global_propagation(x, images, 0.1, backend="torch")  # noqa: E731
-    lp = lambda x: local_propagation(x, images, zeta_s=0.15, kernel_size=5, iters=3, backend="torch")  # noqa: E731
+    guide = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)  # APro reads the ImageNet-normalised image
+    gp = lambda x: global_propagation(x, guide, 0.1, backend="torch")  # noqa: E731
+    lp = lambda x: local_propagation(x, guide, zeta_s=0.15, kernel_size=5, iters=3, backend="torch")  # noqa: E731
     expected = {(): [], ("apro",): [gp(p), lp(p)], ("lp_gp",): [gp(lp(p))], ("gp_lp",): [lp(gp(p))]}[tuple(steps)]
     assert len(t.soft) == len(expected)
     for a, b in zip(t.soft, expected):

@@ -5,19 +5,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import hydra_app
 from ..data.io import atomic_write
 from .common import resolved, write_json
 from .methods import methods_table, run_methods
+from .sweep import job_output_dir
 
 
 def run(cfg: DictConfig) -> dict:
-    """Score every method in cfg.methods; writes table.md and results.json to cfg.output_dir."""
-    out = Path(cfg.output_dir)
+    """Score every method in cfg.methods; writes table.md and results.json to cfg.output_dir.
+
+    In a multirun (-m) each job writes to its own folder and cli/sweep.py joins them in one table.
+    """
+    out = job_output_dir(cfg)
     methods = OmegaConf.to_container(cfg.methods, resolve=True)
     results = run_methods(cfg, methods, out, panels=cfg.panels)
     table = methods_table(results)
