@@ -1,4 +1,4 @@
-"""GP propagation over a Kruskal reconstruction tree (design 3.2, steps 3-4), all channels at once.
+"""GP propagation over a Kruskal reconstruction tree (KRT), all channels at once.
 
 For leaf i, every pixel j meets i first at their lowest common KRT ancestor u, whose altitude
 w_u is the largest edge on the MST path (the minimax distance), so with a_u = exp(-w_u / zeta^2)
@@ -9,11 +9,12 @@ With leaves in KRT DFS order and prefix sums P, the subtree sums are S = P[hi] -
 internal node u with children A = [lo, mid) and B = [mid, hi) adds a_u S_B over A and a_u S_A
 over B, i.e. three point updates of a difference array (+a S_B at lo, +a (S_A - S_B) at mid,
 -a S_A at hi) whose prefix sum is the per-leaf total. The same with phi = 1 gives the
-normaliser. Sums are float64; the output has the unary's dtype.
+normaliser. Sums are float64; the output has the unary's dtype. docs/kernels.md has the
+derivation and the backends.
 
-Arguments shared by the three implementations (one image per batch row, N pixels):
-unary (B, K, N) float, order (B, N) pixel at each leaf position, lo / hi (B, 2N-1) leaf ranges,
-children (B, N-1, 2), altitude (B, N-1), zeta > 0.
+One signature for the three implementations (one image per batch row, N pixels):
+propagate(unary (B, K, N) float, order (B, N) pixel at each leaf position, lo / hi (B, 2N-1)
+leaf ranges, children (B, N-1, 2), altitude (B, N-1), zeta > 0) -> (B, K, N).
 """
 
 from __future__ import annotations
@@ -24,11 +25,7 @@ import numba
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch here
-    triton = None
+from ._triton import INTERPRETED, tl, triton
 
 
 def node_ranges(lo: torch.Tensor, hi: torch.Tensor, children: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -42,7 +39,7 @@ def node_ranges(lo: torch.Tensor, hi: torch.Tensor, children: torch.Tensor) -> t
 
 
 def propagate_reference(unary, order, lo, hi, children, altitude, zeta: float) -> torch.Tensor:
-    """Vectorised torch version of steps 3-4, literally: ones channel, prefix sums, difference array."""
+    """Vectorised torch version, literally: ones channel, prefix sums, difference array."""
     bsz, k, n = unary.shape
     idx = order[:, None, :].expand(bsz, k + 1, n)
     x = torch.cat([unary.double(), torch.ones(bsz, 1, n, dtype=torch.float64, device=unary.device)], 1)
@@ -204,25 +201,35 @@ if triton is not None:
 def _range_add_triton(prefix, l, m, h, a) -> torch.Tensor:
     bsz, k, n1 = prefix.shape
     diff = torch.zeros_like(prefix)
-    block = 1024
+    block = min(triton.next_power_of_2(n1 - 2), 1 << 16) if INTERPRETED else 1024
     grid = (bsz * k, triton.cdiv(n1 - 2, block))
     _range_add_kernel[grid](prefix, l, m, h, a, diff, n1 - 2, n1, k, BLOCK=block)
     return diff
 
 
+CHUNK_BYTES = 1 << 32  # float64 temporaries of one channel chunk (about 40 bytes per pixel and channel)
+
+
 def propagate_triton(unary, order, lo, hi, children, altitude, zeta: float) -> torch.Tensor:
-    """Triton range-add kernel; gathers, float64 prefix sums (torch.cumsum) and the scatter in torch."""
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package")
+    """Triton range-add kernel; gathers, float64 prefix sums (torch.cumsum) and the scatter in torch.
+
+    The normaliser is computed once per image; channels go in chunks of at most CHUNK_BYTES of
+    temporaries, so peak memory stays near the output's size for large batches.
+    """
     bsz, k, n = unary.shape
     if n == 1:
         return unary.clone()
-    idx = order[:, None, :].expand(bsz, k, n)
-    x = unary.double().gather(2, idx)
     l, m, h = (r.contiguous() for r in node_ranges(lo, hi, children))
     a = torch.exp(-altitude.double() / zeta**2).contiguous()
-    prefix = torch.nn.functional.pad(x.cumsum(2), (1, 0))
     ones = torch.arange(n + 1, dtype=torch.float64, device=unary.device).expand(bsz, 1, n + 1).contiguous()
     den = 1.0 + _range_add_triton(ones, l, m, h, a).cumsum(2)[:, :, :n]
-    y = (x + _range_add_triton(prefix, l, m, h, a).cumsum(2)[:, :, :n]) / den
-    return torch.empty_like(unary).scatter_(2, idx, y.to(unary.dtype))
+    out = torch.empty_like(unary, memory_format=torch.contiguous_format)
+    step = max(1, CHUNK_BYTES // (40 * bsz * n))
+    for c in range(0, k, step):
+        chunk = unary[:, c : c + step]
+        idx = order[:, None, :].expand(bsz, chunk.shape[1], n)
+        x = chunk.double().gather(2, idx)
+        prefix = torch.nn.functional.pad(x.cumsum(2), (1, 0))
+        y = (x + _range_add_triton(prefix, l, m, h, a).cumsum(2)[:, :, :n]) / den
+        out[:, c : c + step].scatter_(2, idx, y.to(unary.dtype))
+    return out

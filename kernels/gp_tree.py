@@ -1,54 +1,88 @@
-"""GP tree build: Kruskal over weight-sorted edges, giving the MST and its Kruskal reconstruction tree.
+"""GP tree build on the CPU: the minimum spanning tree (MST) of a weighted edge list and its Kruskal reconstruction tree (KRT).
 
-KRT node ids (design 3.2): leaves 0..N-1 are the pixels (row-major), internal node N+t is
-created by the t-th successful union. For one image and edges already sorted by ascending
-weight (stable, so every implementation sees the same ties in the same order), each
-implementation returns the same four arrays:
+Every tree-build implementation (this module's reference and numba path, `gp_tree_triton`)
+returns the same `Tree` for one batch of images; docs/kernels.md explains the algorithms and
+how they are checked against each other.
 
-- accepted (N-1,): position in the sorted edge list of each MST edge, in creation order;
-- children (N-1, 2): KRT ids of the components joined by node N+t, the component of the
-  edge's first endpoint first;
-- lo (2N-1,): first leaf position of every node's range in the KRT DFS leaf order (left
-  child first); a node's range is [lo, lo + size);
-- size (2N-1,): number of leaves under every node.
+Edges are ordered by (weight, position in the input edge list): ties are broken by the
+input order, so every implementation finds the same MST and builds the same KRT. Node ids:
+leaves 0..N-1 are the pixels (row-major); internal node N+t is created by the t-th MST edge
+in that order (the t-th successful union of Kruskal's algorithm). Its children are the KRT
+nodes standing for the components of the edge's first and second endpoint, in that order,
+and the DFS that visits first children first lays every node's leaves out in one contiguous
+range [lo, hi) of the leaf order.
 
-(`kruskal_cpu` sorts by itself and returns the Tree fields directly: MST edges, altitudes,
-children, leaf order, lo, hi.)
-
-The leaf order is found without recursion: subtree sizes in creation order, then lo offsets
-in reverse creation order (a parent is always created after its children).
-
-Implementations: `kruskal_reference` (plain Python, the readable one), `kruskal_cpu` (numba,
-the fast CPU path, images in parallel) and `kruskal_triton` (one Triton program per image,
-parent array in global memory, path halving).
+Ops (one signature per op across backends):
+    build_tree(guide (B, C, H, W)) -> Tree      MST of the 4-connected grid, squared L2 weights
+    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> Tree   same edges, new weights
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, ClassVar
 
 import numba
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch here
-    triton = None
+
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """MST and Kruskal reconstruction tree (KRT) of each image in a batch; all tensors on one device.
+
+    Pixels are numbered row-major (N = height * width). KRT node ids: leaves 0..N-1 are the
+    pixels, internal node N+t was created by the t-th MST edge in Kruskal (ascending weight) order.
+
+    - edges (B, N-1, 2) int64: MST edges as pixel pairs, in Kruskal order.
+    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t.
+    - children (B, N-1, 2) int64: KRT ids of the two children of internal node N+t.
+    - order (B, N) int64: the pixel at each position of the KRT DFS leaf order.
+    - lo, hi (B, 2N-1) int64: every KRT node's leaves occupy leaf positions [lo, hi).
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("edges", "altitude", "children", "order", "lo", "hi")
+
+    height: int
+    width: int
+    edges: torch.Tensor
+    altitude: torch.Tensor
+    children: torch.Tensor
+    order: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.edges.shape[0]
+
+    @property
+    def num_pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def device(self) -> torch.device:
+        return self.edges.device
+
+    def to(self, device: torch.device | str) -> "Tree":
+        """The same tree with every tensor on `device`."""
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in self.ARRAYS})
+
+
+Stage = Callable[[str], contextlib.AbstractContextManager]
+
+
+def no_stage(name: str) -> contextlib.AbstractContextManager:
+    """Default stage hook: a benchmark passes one that synchronises, times or counts each named stage."""
+    return contextlib.nullcontext()
 
 
 def grid_edges(height: int, width: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Endpoints (src, dst) of the 4-connected grid: all horizontal edges, then all vertical ones."""
+    """Endpoints (src, dst) of the 4-connected grid: all horizontal edges, then all vertical ones; src < dst."""
     idx = torch.arange(height * width, device=device).reshape(height, width)
     src = torch.cat([idx[:, :-1].reshape(-1), idx[:-1, :].reshape(-1)])
     dst = torch.cat([idx[:, 1:].reshape(-1), idx[1:, :].reshape(-1)])
-    return src, dst
-
-
-def grid_edges_cpu(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy twin of `grid_edges`."""
-    idx = np.arange(height * width, dtype=np.int64).reshape(height, width)
-    src = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
-    dst = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
     return src, dst
 
 
@@ -67,36 +101,6 @@ def grid_weights(guide: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     return torch.cat([horiz.reshape(b, -1), vert.reshape(b, -1)], dim=1)
 
 
-@numba.njit(parallel=True, cache=True)
-def _grid_weights_cpu(guide, out):
-    bsz, c, h, w = guide.shape
-    nh = h * (w - 1)
-    for row in numba.prange(bsz * h):  # image rows in parallel: a batch of one still uses every thread
-        b = row // h
-        r = row % h
-        for col in range(w):
-            if col + 1 < w:
-                acc = 0.0
-                for ch in range(c):
-                    d = np.float64(guide[b, ch, r, col + 1]) - np.float64(guide[b, ch, r, col])
-                    acc += d * d
-                out[b, r * (w - 1) + col] = acc
-            if r + 1 < h:
-                acc = 0.0
-                for ch in range(c):
-                    d = np.float64(guide[b, ch, r + 1, col]) - np.float64(guide[b, ch, r, col])
-                    acc += d * d
-                out[b, nh + r * w + col] = acc
-
-
-def grid_weights_cpu(guide: np.ndarray) -> np.ndarray:
-    """numba version of `grid_weights` for a float32/float64 array (B, C, H, W): one pass, no temporaries."""
-    bsz, _, h, w = guide.shape
-    out = np.empty((bsz, h * (w - 1) + (h - 1) * w), dtype=np.float64)
-    _grid_weights_cpu(np.ascontiguousarray(guide), out)
-    return out
-
-
 def pair_weights(features: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """Squared Euclidean distance of features (B, D, H, W) across per-image edges src/dst (B, M) -> (B, M) float64."""
     b, d = features.shape[:2]
@@ -111,12 +115,23 @@ def pair_weights(features: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, c
     return out
 
 
+def leaf_order(lo: torch.Tensor, n: int) -> torch.Tensor:
+    """order (B, N): the pixel at every leaf position, from the leaves' range starts lo[:, :N]."""
+    order = torch.empty(lo.shape[0], n, dtype=torch.int64, device=lo.device)
+    return order.scatter_(1, lo[:, :n], torch.arange(n, device=lo.device).expand(lo.shape[0], n))
+
+
 # ----------------------------------------------------------------------------------------------
 # reference
 
 
 def kruskal_reference(src: np.ndarray, dst: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """Kruskal + KRT + leaf ranges for one image, in plain Python (edges sorted by weight)."""
+    """Kruskal + KRT + leaf ranges for one image in plain Python, edges already sorted by weight.
+
+    Returns accepted (N-1,) positions of the MST edges in the sorted list, children (N-1, 2),
+    lo (2N-1,) and size (2N-1,): sizes in creation order, then lo offsets in reverse creation
+    order (a parent is always created after its children).
+    """
     parent = list(range(n))
     top = list(range(n))  # KRT node currently standing for each union-find root
 
@@ -151,8 +166,65 @@ def kruskal_reference(src: np.ndarray, dst: np.ndarray, n: int) -> tuple[np.ndar
     )
 
 
+def _tree_reference(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> Tree:
+    """Stable torch.sort of every image's edges, then `kruskal_reference` image by image."""
+    n = height * width
+    weight, perm = torch.sort(weight, dim=1, stable=True)
+    src, dst = src.gather(1, perm), dst.gather(1, perm)
+    s, d = src.cpu().numpy(), dst.cpu().numpy()
+    per_image = [kruskal_reference(s[b], d[b], n) for b in range(s.shape[0])]
+    accepted, children, lo, size = (
+        torch.stack([torch.from_numpy(p[i]) for p in per_image]).to(src.device) for i in range(4)
+    )
+    edges = torch.stack([src.gather(1, accepted), dst.gather(1, accepted)], dim=2)
+    return Tree(height, width, edges, weight.gather(1, accepted), children, leaf_order(lo, n), lo, lo + size)
+
+
+def build_tree_reference(guide: torch.Tensor) -> Tree:
+    """torch backend: grid weights in torch, stable sort, plain-Python Kruskal."""
+    bsz, _, h, w = guide.shape
+    src, dst = grid_edges(h, w, guide.device)
+    return _tree_reference(src.expand(bsz, -1), dst.expand(bsz, -1), grid_weights(guide), h, w)
+
+
+def reweight_reference(edges: torch.Tensor, features: torch.Tensor) -> Tree:
+    """torch backend: the given MST edges with weights from `features`, KRT rebuilt by Kruskal."""
+    src, dst = edges[:, :, 0], edges[:, :, 1]
+    return _tree_reference(src, dst, pair_weights(features, src, dst), *features.shape[2:])
+
+
 # ----------------------------------------------------------------------------------------------
-# cpu (numba)
+# cpu (numba): images in parallel, each image's stages sequential
+
+
+@numba.njit(parallel=True, cache=True)
+def _grid_weights_cpu(guide, out):
+    bsz, c, h, w = guide.shape
+    nh = h * (w - 1)
+    for row in numba.prange(bsz * h):  # image rows in parallel: a batch of one still uses every thread
+        b = row // h
+        r = row % h
+        for col in range(w):
+            if col + 1 < w:
+                acc = 0.0
+                for ch in range(c):
+                    d = np.float64(guide[b, ch, r, col + 1]) - np.float64(guide[b, ch, r, col])
+                    acc += d * d
+                out[b, r * (w - 1) + col] = acc
+            if r + 1 < h:
+                acc = 0.0
+                for ch in range(c):
+                    d = np.float64(guide[b, ch, r + 1, col]) - np.float64(guide[b, ch, r, col])
+                    acc += d * d
+                out[b, nh + r * w + col] = acc
+
+
+def grid_weights_cpu(guide: np.ndarray) -> np.ndarray:
+    """numba version of `grid_weights` for a float32/float64 array (B, C, H, W): one pass, no temporaries."""
+    bsz, _, h, w = guide.shape
+    out = np.empty((bsz, h * (w - 1) + (h - 1) * w), dtype=np.float64)
+    _grid_weights_cpu(np.ascontiguousarray(guide), out)
+    return out
 
 
 RADIX_BITS = 13
@@ -218,12 +290,10 @@ def _find(parent, x):
 
 
 @numba.njit(cache=True)
-def _kruskal_sorted(keys, vals, n, union_find, edges, altitude, children, order, lo, hi):
-    """One image, edges sorted by `_sort_edges`: Kruskal, then ranges and leaf order.
+def _kruskal_sorted(keys, vals, n, union_find, edges, altitude, children, size):
+    """One image, edges sorted by `_sort_edges`: Kruskal; every KRT node's leaf count as it is created.
 
-    Union by size gives every KRT node's leaf count as it is created; one pass in reverse
-    creation order then sets lo/hi of both children of every node and the leaf order.
-    union_find (3, N) int32 is scratch.
+    Union by size gives the size of a new node at once. union_find (3, N) int32 is scratch.
     """
     weight = keys.view(np.float64)
     parent, comp, top = union_find[0], union_find[1], union_find[2]
@@ -231,7 +301,6 @@ def _kruskal_sorted(keys, vals, n, union_find, edges, altitude, children, order,
         parent[i] = i
         comp[i] = 1  # component sizes (union by size)
         top[i] = i  # KRT node standing for each union-find root
-    size = hi  # leaf counts first, turned into range ends below
     size[:n] = 1
     t = 0
     for j in range(keys.shape[0]):
@@ -257,6 +326,12 @@ def _kruskal_sorted(keys, vals, n, union_find, edges, altitude, children, order,
         comp[ra] = s
         top[ra] = n + t
         t += 1
+
+
+@numba.njit(cache=True)
+def _leaf_ranges(children, n, order, lo, hi):
+    """One image: hi holds the leaf counts on entry; one pass in reverse creation order sets lo, hi, order."""
+    size = hi
     root = 2 * n - 2
     lo[root] = 0
     hi[root] = n
@@ -277,24 +352,34 @@ def _kruskal_sorted(keys, vals, n, union_find, edges, altitude, children, order,
 
 
 @numba.njit(parallel=True, cache=True)
-def _kruskal_batch(src, dst, bits, n, sort_buf, union_find, edges, altitude, children, order, lo, hi):
-    """Images in parallel: radix sort, then Kruskal and the leaf ranges (scratch passed in)."""
+def _sort_batch(src, dst, bits, sort_buf):
     for b in numba.prange(bits.shape[0]):
-        keys, vals = sort_buf[b, 0], sort_buf[b, 1]
-        _sort_edges(src[b], dst[b], bits[b], keys, vals, sort_buf[b, 2], sort_buf[b, 3])
-        _kruskal_sorted(keys, vals, n, union_find[b], edges[b], altitude[b], children[b], order[b], lo[b], hi[b])
+        _sort_edges(src[b], dst[b], bits[b], sort_buf[b, 0], sort_buf[b, 1], sort_buf[b, 2], sort_buf[b, 3])
 
 
-def kruskal_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """Batched sort + Kruskal + KRT + leaf order with numba, straight to the Tree fields.
+@numba.njit(parallel=True, cache=True)
+def _kruskal_batch(sort_buf, n, union_find, edges, altitude, children, size):
+    for b in numba.prange(sort_buf.shape[0]):
+        _kruskal_sorted(sort_buf[b, 0], sort_buf[b, 1], n, union_find[b], edges[b], altitude[b], children[b], size[b])
+
+
+@numba.njit(parallel=True, cache=True)
+def _ranges_batch(children, n, order, lo, hi):
+    for b in numba.prange(children.shape[0]):
+        _leaf_ranges(children[b], n, order[b], lo[b], hi[b])
+
+
+def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, height: int, width: int,
+             stage: Stage = no_stage) -> Tree:
+    """Batched radix sort, Kruskal (MST and KRT in one pass) and leaf ranges with numba.
 
     src/dst (B, E) int64 edges in any order (a broadcast view is fine), weight (B, E) float64 >= 0.
-    Returns edges (B, N-1, 2), altitude (B, N-1), children (B, N-1, 2), order (B, N), lo, hi (B, 2N-1).
     N < 2**31 (endpoints are packed in one int64, union-find arrays are int32). All memory is
     allocated here by numpy, which asks for huge pages; numba's own allocations of the same
     scratch fault in 4 KiB pages and were measurably slower.
     """
     bsz, m = weight.shape
+    n = height * width
     edges = np.empty((bsz, n - 1, 2), dtype=np.int64)
     altitude = np.empty((bsz, n - 1), dtype=np.float64)
     children = np.empty((bsz, n - 1, 2), dtype=np.int64)
@@ -304,93 +389,29 @@ def kruskal_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, n: int) ->
     sort_buf = np.empty((bsz, 4, m), dtype=np.int64)
     union_find = np.empty((bsz, 3, n), dtype=np.int32)
     src, dst, weight = (np.ascontiguousarray(a) for a in (src, dst, weight))
-    _kruskal_batch(src, dst, weight.view(np.int64), n, sort_buf, union_find, edges, altitude, children, order, lo, hi)
-    return edges, altitude, children, order, lo, hi
+    with stage("sort"):
+        _sort_batch(src, dst, weight.view(np.int64), sort_buf)
+    with stage("mst+krt"):
+        _kruskal_batch(sort_buf, n, union_find, edges, altitude, children, hi)
+    with stage("leaf ranges"):
+        _ranges_batch(children, n, order, lo, hi)
+    return Tree(height, width, *(torch.from_numpy(a) for a in (edges, altitude, children, order, lo, hi)))
 
 
-# ----------------------------------------------------------------------------------------------
-# triton
-
-if triton is not None:
-
-    @triton.jit
-    def _find_triton(parent, x):
-        p = tl.load(parent + x, volatile=True)
-        while p != x:
-            gp = tl.load(parent + p, volatile=True)
-            tl.store(parent + x, gp)  # path halving
-            tl.debug_barrier()
-            x = gp
-            p = tl.load(parent + x, volatile=True)
-        return x
-
-    @triton.jit
-    def _kruskal_kernel(src, dst, num_edges, n, parent, top, accepted, children, lo, size, BLOCK: tl.constexpr):
-        """One program = one image; scalar, sequential union-find (the only sequential step)."""
-        b = tl.program_id(0).to(tl.int64)
-        src += b * num_edges
-        dst += b * num_edges
-        parent += b * n
-        top += b * n
-        accepted += b * (n - 1)
-        children += b * (2 * n - 2)
-        lo += b * (2 * n - 1)
-        size += b * (2 * n - 1)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            tl.store(parent + offs, offs.to(tl.int64), mask=offs < n)
-            tl.store(top + offs, offs.to(tl.int64), mask=offs < n)
-            tl.store(size + offs, tl.full([BLOCK], 1, tl.int64), mask=offs < n)
-        tl.debug_barrier()
-
-        t = tl.zeros((), tl.int64)
-        for e in range(num_edges):
-            ra = _find_triton(parent, tl.load(src + e))
-            rb = _find_triton(parent, tl.load(dst + e))
-            if ra != rb:
-                tl.store(children + 2 * t, tl.load(top + ra, volatile=True))
-                tl.store(children + 2 * t + 1, tl.load(top + rb, volatile=True))
-                tl.store(accepted + t, t * 0 + e)
-                tl.store(parent + rb, ra)
-                tl.store(top + ra, n + t)
-                tl.debug_barrier()
-                t += 1
-
-        for u in range(n - 1):
-            ca = tl.load(children + 2 * u, volatile=True)
-            cb = tl.load(children + 2 * u + 1, volatile=True)
-            s = tl.load(size + ca, volatile=True) + tl.load(size + cb, volatile=True)
-            tl.store(size + n + u, s)
-            tl.debug_barrier()
-        tl.store(lo + 2 * n - 2, tl.zeros((), tl.int64))
-        tl.debug_barrier()
-        for i in range(n - 1):
-            u = n - 2 - i
-            ca = tl.load(children + 2 * u, volatile=True)
-            cb = tl.load(children + 2 * u + 1, volatile=True)
-            base = tl.load(lo + n + u, volatile=True)
-            tl.store(lo + ca, base)
-            tl.store(lo + cb, base + tl.load(size + ca, volatile=True))
-            tl.debug_barrier()
+def build_tree_cpu(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
+    """cpu backend: numba grid weights, radix sort, Kruskal, leaf ranges (CPU tensors)."""
+    bsz, _, h, w = guide.shape
+    g = guide.detach()
+    g = (g if g.dtype in (torch.float32, torch.float64) else g.float()).numpy()
+    src, dst = (e.numpy() for e in grid_edges(h, w))
+    with stage("weights"):
+        weight = grid_weights_cpu(g)
+    src, dst = np.broadcast_to(src, (bsz, src.size)), np.broadcast_to(dst, (bsz, dst.size))
+    return tree_cpu(src, dst, weight, h, w, stage)
 
 
-def kruskal_triton(src: torch.Tensor, dst: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Batched Kruskal + KRT + leaf ranges, one Triton program per image; src/dst (B, E) int64 sorted."""
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package")
-    bsz, num_edges = src.shape
-    dev = src.device
-    parent = torch.empty(bsz, n, dtype=torch.int64, device=dev)
-    top = torch.empty(bsz, n, dtype=torch.int64, device=dev)
-    accepted = torch.zeros(bsz, n - 1, dtype=torch.int64, device=dev)
-    children = torch.zeros(bsz, n - 1, 2, dtype=torch.int64, device=dev)
-    lo = torch.zeros(bsz, 2 * n - 1, dtype=torch.int64, device=dev)
-    size = torch.zeros(bsz, 2 * n - 1, dtype=torch.int64, device=dev)
-    if n > 1:
-        _kruskal_kernel[(bsz,)](
-            src.contiguous(), dst.contiguous(), num_edges, n, parent, top, accepted, children, lo, size,
-            BLOCK=256, num_warps=1,
-        )
-    else:
-        size.fill_(1)
-    return accepted, children, lo, size
+def reweight_cpu(edges: torch.Tensor, features: torch.Tensor) -> Tree:
+    """cpu backend: `pair_weights`, then the numba sort / Kruskal / leaf ranges over the N-1 given edges."""
+    src, dst = edges[:, :, 0], edges[:, :, 1]
+    weight = pair_weights(features, src, dst)
+    return tree_cpu(src.numpy(), dst.numpy(), weight.numpy(), *features.shape[2:])

@@ -1,4 +1,4 @@
-"""APro local propagation (LP) kernels, design 3.3 and 4.
+"""APro local propagation (LP) kernels: one stencil, a reference, a CPU route and a Triton kernel.
 
 LP repeats a fixed k x k stencil over every channel of a map: y_i <- sum_j w_ij y_j, where
 w_ij = psi(i, j) / sum_j' psi(i, j') and psi(i, j) = exp(-|I_i - I_j|^2 / zeta^2) for the
@@ -8,11 +8,15 @@ computed once (`lp_weights`, shape (B, k*k, H, W), tap d = dy * k + dx for the o
 same pre-normalised stencil `iters` times:
 
 - `lp_torch`: the readable, vectorised reference (shifted slices of a zero-padded map);
-- `lp_cpu`: the fast CPU route (a generated numba stencil, channel-last ping-pong buffers);
+- `lp_cpu`: the fast CPU route (a numba stencil, channel-last ping-pong buffers);
   `lp_cpu_image` also makes the weights in numba, straight in the stencil's layout;
 - `lp_triton`: a Triton kernel, one program per (image, pixel tile, channel block);
 - `lp_unfold`: the official APro formulation (image shifted by +10 before zero padding,
   `unfold`, per-iteration normalisation), kept as a test oracle and benchmark baseline.
+
+The op's one signature, shared by the backends (docs/kernels.md):
+local_propagation(unary (B, K, H, W), image (B, C, H, W), zeta_s, kernel_size, iters) -> (B, K, H, W),
+implemented by `lp_reference` (torch), `lp_cpu_image` (cpu) and `lp_triton_image` (triton).
 """
 
 from __future__ import annotations
@@ -27,11 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch here
-    triton = None
+from ._triton import INTERPRETED, tl, triton
 
 
 def _offsets(kernel_size: int) -> list[tuple[int, int, int]]:
@@ -71,6 +71,11 @@ def lp_torch(unary: torch.Tensor, weights: torch.Tensor, iters: int) -> torch.Te
         padded = F.pad(y, (r, r, r, r))
         y = sum(weights[:, d : d + 1] * padded[:, :, dy : dy + h, dx : dx + w] for d, dy, dx in _offsets(k))
     return y.clone() if iters == 0 else y
+
+
+def lp_reference(unary: torch.Tensor, image: torch.Tensor, zeta_s: float, kernel_size: int, iters: int) -> torch.Tensor:
+    """torch backend: `lp_weights`, then `lp_torch`."""
+    return lp_torch(unary, lp_weights(image, zeta_s, kernel_size), iters)
 
 
 _LANES = 8  # channels are padded to a multiple of the AVX2 float32 width
@@ -193,11 +198,50 @@ def _cpu_pack(unary, r, bufs, first, last):  # pragma: no cover - compiled
                         row[at + q] = 0
 
 
+UNROLL_MAX = 9  # larger windows use the loop form: straight-line code and its compile time grow as k^2
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def _cpu_step_loop(a, o, weights, dest, k, first, last):  # pragma: no cover - compiled
+    """Loop form of the generated step (`_cpu_kernel`) for windows above UNROLL_MAX: any k, one compile per dtype."""
+    h = weights.shape[1]
+    kk = k * k
+    w = weights.shape[2] // kk
+    r = k // 2
+    c = a.shape[2] // (w + 2 * r)
+    final = dest.shape[0] > 0
+    scratch = np.zeros(a.shape[2], a.dtype)
+    acc = np.empty(c, a.dtype)
+    for task in range(first, last):
+        b = task // h
+        i = task % h
+        out = scratch if final else o[b, i + r]
+        wrow = weights[b, i]
+        for j in range(w):
+            acc[:] = 0
+            for dy in range(k):
+                row = a[b, i + dy]
+                for dx in range(k):
+                    wv = wrow[j * kk + dy * k + dx]
+                    at = (j + dx) * c
+                    for q in range(c):
+                        acc[q] += wv * row[at + q]
+            at = (j + r) * c
+            for q in range(c):
+                out[at + q] = acc[q]
+        if final:
+            for q in range(dest.shape[1]):
+                plane = dest[b, q, i]
+                for j in range(w):
+                    plane[j] = scratch[(j + r) * c + q]
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_kernel(kernel_size: int, channels: int):
     """One numba stencil step over rows [first, last) of the flattened (image, row) index.
 
-    Compiled on first call for each dtype, for one (k, padded channel count).
+    Compiled on first call for each dtype, for one (k, padded channel count); windows above
+    UNROLL_MAX get `_cpu_step_loop` instead (same layout and arguments).
 
     Buffers are channel-last, flattened to (B, rows, cols * channels) with an r-pixel zero
     border. Both sizes are code constants: the k*k taps become straight-line code (LLVM
@@ -209,6 +253,8 @@ def _cpu_kernel(kernel_size: int, channels: int):
     dest (B, K, H, W), which saves a separate layout conversion.
     """
     k, r, c = kernel_size, kernel_size // 2, channels
+    if k > UNROLL_MAX:
+        return lambda a, o, weights, dest, first, last: _cpu_step_loop(a, o, weights, dest, k, first, last)
     terms = [(dy, dx) for dy in range(k) for dx in range(k)]
     chains = [terms[m::_CHAINS] for m in range(min(_CHAINS, len(terms)))]
     taps = " + ".join(
@@ -362,8 +408,21 @@ def lp_unfold(unary: torch.Tensor, image: torch.Tensor, zeta_s: float, kernel_si
 if triton is not None:
 
     @triton.jit
-    def _lp_step_kernel(y_ptr, w_ptr, out_ptr, n_ch, h, w, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """One stencil step for a tile of BLOCK_P pixels and BLOCK_C channels of one image."""
+    def _lp_tap(acc, y_img, w_img, d, p, row, col, p_ok, c_ok, h, w, hw, KS: tl.constexpr):
+        rr = row + (d // KS - KS // 2)
+        cc = col + (d % KS - KS // 2)
+        inside = p_ok & (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        wv = tl.load(w_img + d * hw + p, mask=p_ok, other=0.0)
+        yv = tl.load(y_img + (rr * w + cc)[None, :], mask=c_ok[:, None] & inside[None, :], other=0.0)
+        return acc + wv[None, :] * yv
+
+    @triton.jit
+    def _lp_step_kernel(y_ptr, w_ptr, out_ptr, n_ch, h, w, KS: tl.constexpr, UNROLL: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """One stencil step for a tile of BLOCK_P pixels and BLOCK_C channels of one image.
+
+        The k*k taps are unrolled up to UNROLL_MAX (compile time grows with k^2), a loop above.
+        """
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         b = tl.program_id(2)
@@ -377,35 +436,20 @@ if triton is not None:
         y_img = y_ptr + b * n_ch * hw + c[:, None] * hw
         w_img = w_ptr + b * (KS * KS) * hw
         acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=out_ptr.dtype.element_ty)
-        for d in tl.static_range(KS * KS):
-            rr = row + (d // KS - KS // 2)
-            cc = col + (d % KS - KS // 2)
-            inside = p_ok & (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-            wv = tl.load(w_img + d * hw + p, mask=p_ok, other=0.0)
-            yv = tl.load(y_img + (rr * w + cc)[None, :], mask=c_ok[:, None] & inside[None, :], other=0.0)
-            acc += wv[None, :] * yv
+        if UNROLL:
+            for d in tl.static_range(KS * KS):
+                acc = _lp_tap(acc, y_img, w_img, d, p, row, col, p_ok, c_ok, h, w, hw, KS)
+        else:
+            for d in range(KS * KS):
+                acc = _lp_tap(acc, y_img, w_img, d, p, row, col, p_ok, c_ok, h, w, hw, KS)
         tl.store(out_ptr + b * n_ch * hw + c[:, None] * hw + p[None, :], acc, mask=c_ok[:, None] & p_ok[None, :])
-
-    _INTERPRETED = type(_lp_step_kernel).__name__ == "InterpretedFunction"
-else:  # pragma: no cover
-    _INTERPRETED = False
-
-
-def triton_ready(device: torch.device) -> bool:
-    """Whether `lp_triton` can run on tensors of `device` (CUDA, or the Triton interpreter)."""
-    return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
 def lp_triton(unary: torch.Tensor, weights: torch.Tensor, iters: int) -> torch.Tensor:
     """Triton route: one kernel launch per iteration, ping-ponging two buffers."""
-    if not triton_ready(unary.device):
-        raise ValueError(
-            f"backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before the kernels are imported; "
-            f"got tensors on {unary.device}"
-        )
     k = _kernel_size(weights)
     b, n_ch, h, w = unary.shape
-    if _INTERPRETED:  # few, large programs: the interpreter's cost grows with their number
+    if INTERPRETED:  # few, large programs: the interpreter's cost grows with their number
         block_p, block_c = min(triton.next_power_of_2(h * w), 4096), min(triton.next_power_of_2(n_ch), 64)
     else:
         block_p, block_c = 256, min(triton.next_power_of_2(n_ch), 8)
@@ -413,6 +457,12 @@ def lp_triton(unary: torch.Tensor, weights: torch.Tensor, iters: int) -> torch.T
     src, dst = unary.contiguous().clone(), torch.empty_like(unary, memory_format=torch.contiguous_format)
     weights = weights.contiguous()
     for _ in range(iters):
-        _lp_step_kernel[grid](src, weights, dst, n_ch, h, w, KS=k, BLOCK_C=block_c, BLOCK_P=block_p)
+        _lp_step_kernel[grid](src, weights, dst, n_ch, h, w, KS=k, UNROLL=k <= UNROLL_MAX, BLOCK_C=block_c,
+                              BLOCK_P=block_p)
         src, dst = dst, src
     return src
+
+
+def lp_triton_image(unary: torch.Tensor, image: torch.Tensor, zeta_s: float, kernel_size: int, iters: int) -> torch.Tensor:
+    """triton backend: `lp_weights` (torch, on the device), then `lp_triton`."""
+    return lp_triton(unary, lp_weights(image, zeta_s, kernel_size), iters)

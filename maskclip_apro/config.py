@@ -8,7 +8,9 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(resources.files("maskclip_apro.conf"))
-GENERATOR_KEYS = ("templates", "logit_scale", "mode", "short_side", "window", "stride", "cache_dir")
+GENERATOR_KEYS = (
+    "templates", "logit_scale", "mode", "short_side", "img_scale", "window", "stride", "normalize", "cache_dir"
+)
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -55,15 +57,33 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Generator settings: the `generator` block, overridden by the same keys in the model preset."""
+    """build_generator's keyword arguments from a run config.
+
+    The `generator` block (conf/_run.yaml plus the protocol), overridden by the same keys in the
+    model preset; with generator.dataset_scale, the img_scale of the run's dataset (when it has
+    one and no `input` replaces it) replaces generator.img_scale; model.act / model.ln_eps set
+    the image tower.
+    """
     merged: dict[str, Any] = {}
     for block in (cfg.get("generator"), cfg.get("model")):
         if block is not None:
             merged.update({k: v for k, v in OmegaConf.to_container(block, resolve=True).items() if k in GENERATOR_KEYS})
+    generator, model, dataset = cfg.get("generator") or {}, cfg.get("model") or {}, cfg.get("dataset")
+    if generator.get("dataset_scale") and dataset is not None and not cfg.get("input"):
+        if dataset.get("img_scale") is not None:
+            merged["img_scale"] = OmegaConf.to_container(dataset.img_scale, resolve=True)
+    for key in ("act", "ln_eps"):
+        merged[key] = model.get(key)
     background = cfg.get("background")
     if background is not None:
         merged["background"] = OmegaConf.to_container(background, resolve=True)
     return merged
+
+
+def protocol_name(cfg: DictConfig) -> str:
+    """The test protocol a run config names (conf/protocol/), for tagging results."""
+    generator = cfg.get("generator") or {}
+    return str(generator.get("protocol") or "unnamed")
 
 
 def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):

@@ -38,13 +38,13 @@ def to_tensor(image: np.ndarray, device: Union[str, torch.device] = "cpu") -> to
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
 
 
-def _bilinear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Source indices (i0, i1) and weights (w0, w1) of bilinear resampling along one axis.
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
+    """Source indices (i0, i1) and weights (w0, w1) of bilinear resampling along one axis, on the CPU.
 
     The rule of F.interpolate(mode="bilinear", align_corners=False): output pixel j samples the
     input at (j + 0.5) * n_in / n_out - 0.5, clamped to the first and last input pixel.
     """
-    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
     i0 = src.floor().long().clamp_(max=n_in - 1)
     i1 = (i0 + 1).clamp_(max=n_in - 1)
     w1 = (src - i0).clamp_(0, 1).float()
@@ -54,16 +54,20 @@ def _bilinear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.T
 _TIE_MARGIN = 1e-5  # relative to the cell's largest value; float32 rounding of the interpolation is < 1e-6
 
 
-def labels_at(probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 18) -> torch.Tensor:
-    """argmax over classes of the bilinearly upsampled probabilities (B, K, h, w) -> (B, H, W) int64.
+def labels_at(
+    probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 18, prune: Optional[bool] = None
+) -> torch.Tensor:
+    """argmax over classes of the bilinearly upsampled scores (B, K, h, w) -> (B, H, W) int64.
 
     Memory stays O(H*W) beside the input, never O(K*H*W) (a 6000 x 4000 photo with 171 classes
-    would need 16 GB of upsampled maps): the output is made tile by tile, `tile_elements` pixels
-    at a time, one class at a time with a running maximum. Only the classes that can win
-    somewhere in the tile are interpolated (_possible_classes); a tile with one possible winner
-    is filled with it. Each value is computed by the same per-pixel arithmetic whatever the
-    tiling (the two input rows interpolated along W, then the two results along H), so the
-    labels do not depend on the tile size; they agree with the argmax of
+    would need 16 GB of upsampled maps): the output is made tile by tile, `tile_elements`
+    pixels at a time, one class at a time with a running maximum. With `prune` (default: on the
+    CPU) only the classes that can win somewhere in the tile are interpolated
+    (_possible_classes), image by image, and a tile with one possible winner is filled with it;
+    without it (default on GPUs, where fewer, larger launches pay) the batch goes through every
+    class together. Each value is computed by the same per-pixel arithmetic whatever the tiling
+    (the two input rows interpolated along W, then the two results along H), so the labels do
+    not depend on the tile size or the pruning; they agree with the argmax of
     F.interpolate(mode="bilinear", align_corners=False) up to float rounding, which can only
     matter at exact ties (ties go to the lowest class index).
     """
@@ -71,31 +75,38 @@ def labels_at(probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1
         raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
     b, k, h, w = probs.shape
     height, width = int(size[0]), int(size[1])
+    device = probs.device
     probs = probs.float()
-    y0, y1, wy0, wy1 = _bilinear_taps(h, height, probs.device)
-    x0, x1, wx0, wx1 = _bilinear_taps(w, width, probs.device)
-    labels = torch.empty((b, height, width), dtype=torch.int64, device=probs.device)
+    y0, y1, wy0, wy1 = _bilinear_taps(h, height)
+    x0, x1, wx0, wx1 = _bilinear_taps(w, width)
+    y0d, y1d, wy0d, wy1d, x0d, x1d, wx0d, wx1d = (t.to(device) for t in (y0, y1, wy0, wy1, x0, x1, wx0, wx1))
+    labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
     tile_w = min(width, 1024)
-    tile_h = max(1, tile_elements // tile_w)
-    for i in range(b):
-        for top in range(0, height, tile_h):
-            rows = slice(top, min(height, top + tile_h))
-            first, last = int(y0[rows][0]), int(y0[rows][-1])  # cells (input rows first..last + 1) the tile lies in
-            r0, r1, a0, a1 = y0[rows] - first, y1[rows] - first, wy0[rows, None], wy1[rows, None]
-            for left in range(0, width, tile_w):
-                cols = slice(left, min(width, left + tile_w))
-                c0, c1, b0, b1 = x0[cols], x1[cols], wx0[cols], wx1[cols]
-                block = probs[i, :, first : last + 2, int(c0[0]) : int(c0[-1]) + 2]
-                classes = _possible_classes(block, last + 1 == h, int(c0[-1]) + 1 == w)
-                out = labels[i, rows, cols]
+    prune = device.type == "cpu" if prune is None else prune
+    tile_h = max(1, tile_elements // (tile_w * (1 if prune else b)))
+    for top in range(0, height, tile_h):
+        rows = slice(top, min(height, top + tile_h))
+        first, last = int(y0[rows][0]), int(y0[rows][-1])  # the tile lies in cells of input rows first..last + 1
+        r0, r1, a0, a1 = y0d[rows] - first, y1d[rows] - first, wy0d[rows, None], wy1d[rows, None]
+        for left in range(0, width, tile_w):
+            cols = slice(left, min(width, left + tile_w))
+            c0, c1, b0, b1 = x0d[cols], x1d[cols], wx0d[cols], wx1d[cols]
+            start, stop = int(x0[cols][0]), int(x0[cols][-1])
+            if prune:
+                groups = [(slice(i, i + 1), _possible_classes(probs[i, :, first : last + 2, start : stop + 2],
+                                                              last + 1 == h, stop + 1 == w)) for i in range(b)]
+            else:
+                groups = [(slice(0, b), list(range(k)))]
+            for images, classes in groups:
+                out = labels[images, rows, cols]
                 if len(classes) == 1:
                     out.fill_(classes[0])
                     continue
                 best = None
                 for c in classes:
-                    band = probs[i, c, first : last + 2]
-                    along_w = band.index_select(1, c0) * b0 + band.index_select(1, c1) * b1
-                    value = along_w.index_select(0, r0) * a0 + along_w.index_select(0, r1) * a1
+                    band = probs[images, c, first : last + 2]
+                    along_w = band.index_select(2, c0) * b0 + band.index_select(2, c1) * b1
+                    value = along_w.index_select(1, r0) * a0 + along_w.index_select(1, r1) * a1
                     if best is None:
                         best = value
                         out.fill_(c)
@@ -107,7 +118,7 @@ def labels_at(probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1
 
 
 def _possible_classes(block: torch.Tensor, last_row: bool, last_col: bool) -> list[int]:
-    """The classes that can win somewhere in the cells of `block` (K, rows, cols) of probabilities.
+    """The classes (ascending ids) that can win somewhere in the cells of `block` (K, rows, cols).
 
     A cell is two by two neighbouring input pixels (the input's last row and column, flagged
     by last_row / last_col, are repeated to close the final cells); every output pixel's four
@@ -170,7 +181,7 @@ class Segmenter:
 
     @torch.no_grad()
     def unary(self, image: torch.Tensor):
-        """Generator output for a (B, 3, H, W) batch in [0, 1]."""
+        """Generator output for a (B, 3, H, W) batch in [0, 1]: .logits (B, K, h, w), .keys, .features (B, D, h, w)."""
         return self.generator(image)
 
     @staticmethod
@@ -190,7 +201,11 @@ class Segmenter:
     def predict_many(
         self, image: ImageLike, chains: Mapping[str, Chain], keep_probs: bool = True
     ) -> dict[str, Prediction]:
-        """Run the generator once and every chain on the same unary (the compare table's protocol)."""
+        """Run the generator once and every chain on the same unary (the compare table's protocol).
+
+        Labels are the argmax of bilinearly upsampled scores: the refined probabilities, or the
+        generator's logits for a chain without refiners (as mmseg upsamples MaskCLIP's head output).
+        """
         array = load_image(image)
         device = getattr(self.generator, "device", "cpu")
         image_tensor = to_tensor(array, device)
@@ -201,7 +216,9 @@ class Segmenter:
         predictions = {}
         for name, chain in chains.items():
             probs = chain(probs0, guidance)
-            labels = labels_at(probs, array.shape[:2])[0].cpu().numpy().astype(np.int64)
+            # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
+            scores = probs if chain.refiners else out.logits.float()
+            labels = labels_at(scores, array.shape[:2])[0].cpu().numpy().astype(np.int64)
             predictions[name] = Prediction(
                 labels=labels,
                 probs=probs[0].cpu() if keep_probs else torch.empty(0),

@@ -2,6 +2,7 @@
 
     python scripts/bench_generator.py                                   # tiny_vit, random weights
     python scripts/bench_generator.py --model ViT-B-16 --pretrained none  # real architecture, random weights
+    python scripts/bench_generator.py --protocol clip                   # short side 448, sliding windows
 
 `--pretrained none` builds random weights, so the real architecture is timed without a download.
 The text cache goes to a fresh temporary folder so the text build is timed too.
@@ -17,8 +18,8 @@ import time
 import torch
 
 from maskclip_apro.data import load_vocab
+from maskclip_apro.config import compose, generator_kwargs
 from maskclip_apro.generator import build_generator
-
 
 
 def main() -> None:
@@ -26,10 +27,11 @@ def main() -> None:
     ap.add_argument("--model", default="tiny_vit")
     ap.add_argument("--pretrained", default="none", help="'none' for random weights, a tag, or a file")
     ap.add_argument("--size", default="375x500", help="input HxW (VOC-like default)")
+    ap.add_argument("--protocol", default="maskclip", choices=("maskclip", "clip"), help="conf/protocol/: maskclip "
+                    "(keep-ratio (2048, 512), whole image) or clip (short side --short-side, --window every --stride)")
     ap.add_argument("--short-side", type=int, default=448)
     ap.add_argument("--window", type=int, default=448)
     ap.add_argument("--stride", type=int, default=224)
-    ap.add_argument("--mode", default="slide", choices=("slide", "whole"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -40,10 +42,12 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        gen = build_generator(
-            args.model, pretrained, classes, short_side=args.short_side, window=args.window, stride=args.stride,
-            mode=args.mode, cache_dir=cache, device=args.device,
-        )
+        overrides = [f"protocol={args.protocol}", f"generator.cache_dir={cache}"]
+        if args.protocol == "clip":
+            overrides += [f"generator.short_side={args.short_side}", f"generator.window={args.window}",
+                          f"generator.stride={args.stride}"]
+        settings = generator_kwargs(compose("evaluate", overrides))
+        gen = build_generator(args.model, pretrained, classes, device=args.device, **settings)
         build = time.perf_counter() - start
     image = torch.rand(1, 3, h, w, device=args.device)
     out = gen(image)  # warm-up
@@ -56,10 +60,11 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    boxes = gen.windows(*out.image.shape[-2:])
+    windows = len(gen.windows(*(-(-n // gen.patch_size) * gen.patch_size for n in out.image.shape[-2:])))
     print(
-        f"model={args.model} pretrained={args.pretrained} input={h}x{w} -> {tuple(out.image.shape[-2:])} "
-        f"grid={tuple(out.logits.shape[-2:])} windows={len(boxes)} mode={args.mode} threads={torch.get_num_threads()}"
+        f"model={args.model} pretrained={args.pretrained} protocol={args.protocol} input={h}x{w} -> "
+        f"{tuple(out.image.shape[-2:])} grid={tuple(out.logits.shape[-2:])} "
+        f"windows={windows if gen.mode == 'slide' else 1} threads={torch.get_num_threads()}"
     )
     print(f"build (weights + text classifier, {len(classes)} classes x 85 prompts): {build:.2f} s")
     print(f"forward: {statistics.median(times):.3f} s/image (median of {args.repeats}; min {min(times):.3f})")

@@ -1,4 +1,4 @@
-"""Benchmark APro local propagation (design 7): official unfold vs reference vs CPU route vs memory floor.
+"""Benchmark APro local propagation: official unfold vs reference vs CPU route vs memory floor.
 
     python scripts/bench_lp.py --size 512 --k 21 --iters 20 --kernel-size 5 --repeats 3
 

@@ -56,12 +56,10 @@ def test_refine_on_the_bundled_samples(tmp_path):
     ]
 
 
-def test_refine_with_the_resnet_has_no_key_smoothing(tmp_path):
-    cfg = compose("refine", _overrides(tmp_path, "model=tiny_resnet", "limit=1", "refine=ks_pd"))
-    with pytest.raises(ValueError, match="keys"):
-        refine.run(cfg)
-    summary = refine.run(compose("refine", _overrides(tmp_path, "model=tiny_resnet", "limit=1", "refine=apro_pd")))
-    assert summary["refined"] == 1
+def test_refine_with_the_resnet_runs_key_smoothing(tmp_path):
+    summary = refine.run(compose("refine", _overrides(tmp_path, "model=tiny_resnet", "limit=1", "refine=ks_pd")))
+    assert summary["refined"] == 1 and "ks" in summary["seconds_per_image"]
+    assert summary["protocol"] == "maskclip"
 
 
 def test_refine_on_a_labelled_dataset_reports_miou(tmp_path):
@@ -100,7 +98,7 @@ def test_evaluate_tags_results_with_the_config(tmp_path):
     cfg = compose("evaluate", _overrides(tmp_path, "model=tiny_vit", "dataset=synthetic", "limit=2", "refine=ks_pd"))
     results = evaluate.run(cfg)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["config"]["refine"]["steps"] == ["ks", "pd"]
+    assert saved["config"]["refine"]["steps"] == ["pd", "ks"]
     assert list(results["methods"]) == ["refine"] or len(results["methods"]) == 1
 
 
@@ -115,10 +113,11 @@ def test_three_line_python_api(tmp_path):
     assert pred.class_names == ["cat", "dog", "grass"]
 
 
-def test_compare_with_the_resnet_skips_key_smoothing(tmp_path):
+def test_compare_with_the_resnet_runs_key_smoothing_and_names_the_protocol(tmp_path):
     results = compare.run(compose("compare", _overrides(tmp_path, "model=tiny_resnet", "dataset=synthetic", "limit=1")))
-    assert results["skipped_methods"] == ["+KS", "+KS+PD"]
-    assert "+APro" in results["methods"] and "+KS" not in results["methods"]
+    assert {"+KS", "+KS+PD", "+APro"} <= set(results["methods"])
+    assert results["protocol"] == "maskclip"
+    assert "protocol maskclip" in (tmp_path / "out" / "table.md").read_text().splitlines()[0]
 
 
 def test_non_finite_class_scores_are_a_clear_error():

@@ -306,6 +306,7 @@ def test_a_labelme_voc_export_reads_as_it_is(tmp_path):
     assert ds[1].image.shape == (2, 3, 3)
 
     assert build_dataset("folder", root=root, classes="voc21").class_names[20] == "tv monitor"
+    assert len(build_dataset("folder", root=root, split="train")) == 2  # no ImageSets: every image
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2011_000006\n")
     assert [s.name for s in build_dataset("folder", root=root, split="val")] == ["2011_000006"]

@@ -1,4 +1,8 @@
-"""MaskCLIP generator: dense ViT/ResNet paths against hand-written oracles, windows, bad input."""
+"""MaskCLIP generator: whole and sliding inference, resizing, padding, bad input.
+
+The dense features and keys themselves are checked against the official code in
+test_official_head.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import LayerScale
 
 from maskclip_apro.generator import GeneratorOutput, build_generator
 from maskclip_apro.generator.maskclip import resized_size, stitch, window_starts
@@ -31,84 +34,12 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit_whole(cache):
-    return make("tiny_vit", cache, mode="whole", short_side=None)
+    return make("tiny_vit", cache, mode="whole", img_scale=None)
 
 
 @pytest.fixture(scope="module")
 def rn_whole(cache):
-    return make("tiny_resnet", cache, mode="whole", short_side=None)
-
-
-# ---------------------------------------------------------------- hand-written oracles (float64)
-
-
-def _ln(x, sd, prefix):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + 1e-5) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
-
-
-def _gelu(x):
-    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-
-
-def _mlp(x, sd, p):
-    h = _gelu(x @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"])
-    return h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
-
-
-def _gamma(sd, key, width):
-    return sd.get(key, torch.ones(width, dtype=torch.float64))
-
-
-def _full_block(x, sd, p, heads):
-    width = x.shape[-1]
-    y = _ln(x, sd, p + "ln_1")
-    qkv = y @ sd[p + "attn.in_proj_weight"].T + sd[p + "attn.in_proj_bias"]
-    q, k, v = qkv.split(width, dim=-1)
-    b, n, _ = x.shape
-    dh = width // heads
-    q, k, v = (t.reshape(b, n, heads, dh).transpose(1, 2) for t in (q, k, v))
-    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
-    o = (att @ v).transpose(1, 2).reshape(b, n, width)
-    o = o @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
-    x = x + _gamma(sd, p + "ls_1.gamma", width) * o
-    return x + _gamma(sd, p + "ls_2.gamma", width) * _mlp(_ln(x, sd, p + "ln_2"), sd, p)
-
-
-def vit_oracle(visual, x):
-    """Design 2 from the state dict: tower to the last block, value path there, ln_post, proj."""
-    sd = {k: v.double() for k, v in visual.state_dict().items()}
-    x = x.double()
-    patch = visual.patch_size[0]
-    width = sd["class_embedding"].shape[0]
-    heads = visual.transformer.resblocks[0].attn.num_heads
-    layers = len(visual.transformer.resblocks)
-    b, _, h, w = x.shape
-    gh, gw = h // patch, w // patch
-    patches = x.unfold(2, patch, patch).unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).reshape(b, gh * gw, -1)
-    t = patches @ sd["conv1.weight"].reshape(width, -1).T
-    pos = sd["positional_embedding"]
-    n0 = int(math.isqrt(pos.shape[0] - 1))
-    grid = pos[1:].reshape(1, n0, n0, width).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-    pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, width)])
-    t = torch.cat([sd["class_embedding"].expand(b, 1, width), t], dim=1) + pos
-    t = _ln(t, sd, "ln_pre")
-    for i in range(layers - 1):
-        t = _full_block(t, sd, f"transformer.resblocks.{i}.", heads)
-    p = f"transformer.resblocks.{layers - 1}."
-    x = t[:, 1:]
-    y = _ln(x, sd, p + "ln_1")
-    w_in, b_in = sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"]
-    keys = y @ w_in[width : 2 * width].T + b_in[width : 2 * width]
-    val = y @ w_in[2 * width :].T + b_in[2 * width :]
-    val = val @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
-    v = x + _gamma(sd, p + "ls_1.gamma", width) * val
-    v = v + _gamma(sd, p + "ls_2.gamma", width) * _mlp(_ln(v, sd, p + "ln_2"), sd, p)
-    feats = _ln(v, sd, "ln_post") @ sd["proj"]
-    to_map = lambda z: z.transpose(1, 2).reshape(b, -1, gh, gw)  # noqa: E731
-    return to_map(feats), to_map(keys)
+    return make("tiny_resnet", cache, mode="whole", img_scale=None)
 
 
 def normalise(gen, img):
@@ -119,35 +50,34 @@ def expected_logits(gen, unit_feats):
     return gen.logit_scale * torch.einsum("bdhw,kd->bkhw", unit_feats.float(), gen.classifier.embeddings)
 
 
-# ---------------------------------------------------------------- ViT
+# ---------------------------------------------------------------- ViT (the official-code oracle: test_official_head.py)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (64, 96), (48, 80)])
-def test_vit_value_path_matches_oracle(vit_whole, size):
+@pytest.mark.parametrize("size", [(64, 64), (64, 96), (75, 101)])
+def test_vit_whole_image_output(vit_whole, size):
     torch.manual_seed(1)
     img = torch.rand(2, 3, *size)
     out = vit_whole(img)
-    feats, keys = vit_oracle(vit_whole.backbone.visual, normalise(vit_whole, img))
+    feats, keys = vit_whole.backbone(normalise(vit_whole, img))
     unit = F.normalize(feats, dim=1)
+    grid = (math.ceil(size[0] / 16), math.ceil(size[1] / 16))  # zero-padded to whole patches
     assert isinstance(out, GeneratorOutput)
-    assert out.logits.shape == (2, 3, size[0] // 16, size[1] // 16)
-    torch.testing.assert_close(out.features, unit.float(), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(out.keys, keys.float(), atol=2e-5, rtol=1e-4)
+    assert out.logits.shape == (2, 3, *grid) and out.keys.shape == (2, 64, *grid)
+    torch.testing.assert_close(out.features, unit, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.keys, keys)
     torch.testing.assert_close(out.logits, expected_logits(vit_whole, unit), atol=2e-3, rtol=1e-4)
     assert torch.equal(out.image, img)
 
 
-def test_vit_layer_scale_is_applied(cache):
-    gen = make("tiny_vit", cache, mode="whole", short_side=None)
-    last = gen.backbone.visual.transformer.resblocks[-1]
+def test_vit_padding_is_zero_after_normalisation(vit_whole):
+    """An odd-sized image gives what the image padded with the normalisation mean gives."""
     torch.manual_seed(2)
-    last.ls_1, last.ls_2 = LayerScale(64, 0.5), LayerScale(64, 0.5)
-    last.ls_1.gamma.data.uniform_(0.2, 2.0)
-    last.ls_2.gamma.data.uniform_(0.2, 2.0)
-    img = torch.rand(1, 3, 64, 64)
-    feats, keys = vit_oracle(gen.backbone.visual, normalise(gen, img))
-    out = gen(img)
-    torch.testing.assert_close(out.features, F.normalize(feats, dim=1).float(), atol=2e-5, rtol=1e-4)
+    img = torch.rand(1, 3, 50, 70)
+    padded = vit_whole.mean.expand(1, 3, 64, 80).clone()
+    padded[..., :50, :70] = img
+    a, b = vit_whole(img), vit_whole(padded)
+    for name in ("logits", "keys", "features"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
 
 
 def test_pos_embed_interpolation_is_identity_at_native_grid():
@@ -164,14 +94,17 @@ def test_resnet_dense_matches_per_position_projections(rn_whole):
     torch.manual_seed(4)
     img = torch.rand(1, 3, 64, 96)
     out = rn_whole(img)
-    assert out.keys is None and out.logits.shape == (1, 3, 2, 3) and rn_whole.patch_size == 32
+    assert out.logits.shape == (1, 3, 2, 3) and rn_whole.patch_size == 32
     backbone = rn_whole.backbone
     trunk = backbone.trunk(normalise(rn_whole, img)).double()
     sd = {k: v.double() for k, v in backbone.visual.attnpool.state_dict().items()}
-    v = torch.einsum("oe,behw->bohw", sd["v_proj.weight"], trunk) + sd["v_proj.bias"][:, None, None]
-    c = torch.einsum("oe,behw->bohw", sd["c_proj.weight"], v) + sd["c_proj.bias"][:, None, None]
-    unit = F.normalize(c, dim=1)
+
+    def project(name, x):
+        return torch.einsum("oe,behw->bohw", sd[name + ".weight"], x) + sd[name + ".bias"][:, None, None]
+
+    unit = F.normalize(project("c_proj", project("v_proj", trunk)), dim=1)
     torch.testing.assert_close(out.features, unit.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.keys, project("k_proj", trunk).float(), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.logits, expected_logits(rn_whole, unit), atol=2e-3, rtol=1e-4)
 
 
@@ -219,8 +152,22 @@ def test_one_window_equals_whole(cache, vit_whole):
     gen = make("tiny_vit", cache, mode="slide", short_side=64, window=128, stride=64)
     img = torch.rand(1, 3, 64, 64)
     a, b = gen(img), vit_whole(img)
-    for name in ("logits", "keys", "features", "image"):
+    for name in ("logits", "keys", "image"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.features, b.features, atol=1e-7, rtol=0)  # renormalised after stitching
+
+
+def test_slide_pads_an_unaligned_image_to_whole_patches(cache):
+    """Windows run on the image zero-padded (after normalisation) at the bottom and right."""
+    gen = make("tiny_resnet", cache, mode="slide", img_scale=None, window=64, stride=32)
+    torch.manual_seed(7)
+    img = torch.rand(1, 3, 70, 100)
+    padded = gen.mean.expand(1, 3, 96, 128).clone()
+    padded[..., :70, :100] = img
+    a, b = gen(img), gen(padded)
+    assert a.logits.shape == (1, 3, 3, 4) and a.keys.shape[-2:] == (3, 4)
+    for name in ("logits", "keys", "features"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
 
 
 def test_slide_is_mean_of_window_outputs(cache, vit_whole):
@@ -249,6 +196,23 @@ def test_short_side_resize(cache):
     out = gen(torch.rand(1, 3, 100, 150))
     assert out.image.shape == (1, 3, 64, 96) and out.logits.shape == (1, 3, 2, 3)
     assert 0 <= float(out.image.min()) and float(out.image.max()) <= 1
+
+
+def test_keep_ratio_resize_is_plain_bilinear(cache):
+    """mmcv's rescale: rounded keep-ratio size, OpenCV-style bilinear (half-pixel centres, no antialias)."""
+    gen = make("tiny_vit", cache, img_scale=(520, 520))
+    img = torch.rand(1, 3, 150, 203)
+    out = gen(img)
+    assert out.image.shape[-2:] == (384, 520)  # factor min(520 / 203, 520 / 150) = 2.5616
+    want = F.interpolate(img, size=(384, 520), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.image, want)
+    small = gen.resize(torch.rand(1, 3, 1040, 1040))  # downscaling: no antialiasing either
+    assert small.shape[-2:] == (520, 520)
+
+
+def test_the_generator_exposes_its_open_clip_model(vit_whole):
+    assert isinstance(vit_whole.model, open_clip.CLIP)
+    assert vit_whole.backbone.visual is vit_whole.model.visual
 
 
 # ---------------------------------------------------------------- checkpoints and bad input
@@ -282,6 +246,10 @@ def test_unknown_model():
         ({"stride": 128, "window": 64}, "stride"),
         ({"mode": "tiles"}, "mode"),
         ({"logit_scale": 0.0}, "logit_scale"),
+        ({"img_scale": [512]}, "img_scale"),
+        ({"normalize": "clip"}, "normalize"),
+        ({"act": "relu"}, "model.act"),
+        ({"ln_eps": -1.0}, "model.ln_eps"),
     ],
 )
 def test_bad_generator_settings(cache, kw, match):

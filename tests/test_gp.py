@@ -1,9 +1,12 @@
-"""GP (design 3.2) against a brute force that follows the equations literally, plus properties and bad input."""
+"""GP against a brute force that follows the equations literally, plus properties and bad input.
+
+The triton backend runs under TRITON_INTERPRET=1 (tests/conftest.py) on a subset of the cases:
+the interpreter pays per kernel program. tests/test_gp_device.py compares its trees with the CPU path's.
+"""
 
 from __future__ import annotations
 
 import heapq
-import os
 from collections import deque
 
 import numpy as np
@@ -136,13 +139,17 @@ def test_matches_brute_force(case, backend):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", [("random", 2, 2, 4, 5, 0.4), ("ties", 1, 3, 6, 6, 0.6), ("random", 1, 1, 1, 6, 0.3)])
+TRITON_CASES = [c for c in CASES if c[3] * c[4] <= 100]  # batches, strips, 1x1, ties (interpreter cost)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}x{c[3]}x{c[4]}-z{c[5]}")
 def test_triton_matches_brute_force(case):
     kind, b, k, h, w, zeta = case
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(CASES.index(case))
     guide = make_guide(kind, b, h, w, gen)
     unary = torch.rand(b, k, h, w, generator=gen)
     got = global_propagation(unary, guide, zeta, backend="triton")
+    assert got.dtype == unary.dtype and got.shape == unary.shape
     torch.testing.assert_close(got.double(), brute_force(unary, guide, zeta), atol=1e-5, rtol=0)
 
 
@@ -293,10 +300,3 @@ def test_bad_inputs_name_the_argument():
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):
             fn()
-
-
-def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="backend 'triton' needs CUDA"):
-        build_tree(torch.rand(1, 3, 4, 4), backend="triton")
-    assert os.environ["TRITON_INTERPRET"] == "0"

@@ -1,4 +1,4 @@
-"""LP (design 3.3) against a pixel-loop oracle and the official unfold formulation, plus properties."""
+"""LP against a pixel-loop oracle and the official unfold formulation, plus properties and bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import maskclip_apro.kernels._triton as ktriton
 import maskclip_apro.kernels.lp as klp
 from maskclip_apro.apro import local_propagation
 
@@ -72,9 +73,36 @@ def test_triton_channel_blocks_and_batch():
 
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(klp, "_INTERPRETED", False)
+    monkeypatch.setattr(ktriton, "INTERPRETED", False)
     with pytest.raises(ValueError, match="triton.*CUDA"):
         local_propagation(rand(1, 2, 4, 4), rand(1, 3, 4, 4), backend="triton")
+
+
+def test_large_windows_use_the_loop_form_and_match_the_reference():
+    """Windows above UNROLL_MAX run as a loop, not as straight-line code whose compile time grows as k^2."""
+    unary, image = rand(2, 3, 20, 18, seed=24, dtype=torch.float32), rand(2, 3, 20, 18, seed=25, dtype=torch.float32)
+    k = 33
+    assert k > klp.UNROLL_MAX
+    ref = klp.lp_torch(unary, klp.lp_weights(image, 0.5, k), 2)
+    out = local_propagation(unary, image, zeta_s=0.5, kernel_size=k, iters=2, backend="cpu")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    k = klp.UNROLL_MAX + 2  # the triton kernel's loop branch; kept small for the interpreter
+    small_u, small_i = unary[:1, :, :6, :6], image[:1, :, :6, :6]
+    ref = klp.lp_torch(small_u, klp.lp_weights(small_i, 0.5, k), 1)
+    out = local_propagation(small_u, small_i, zeta_s=0.5, kernel_size=k, iters=1, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_windows_wider_than_the_image_are_capped(backend):
+    """Up to 2 * max(H, W) + 1 the result equals the plain stencil of that size; beyond, a clear error."""
+    unary, image = rand(1, 2, 3, 2, seed=26), rand(1, 3, 3, 2, seed=27)
+    k = 2 * 3 + 1  # runs as 5, the widest window that still adds pixels
+    ref = klp.lp_torch(unary, klp.lp_weights(image, 0.7, k), 3)  # unclamped reference
+    out = local_propagation(unary, image, zeta_s=0.7, kernel_size=k, iters=3, backend=backend)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"kernel_size 9 is larger than 2 \* max\(H, W\) \+ 1 = 7 for a 3x2 map"):
+        local_propagation(unary, image, kernel_size=9, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -199,6 +227,7 @@ def good():
         (dict(kernel_size=4), "kernel_size"),
         (dict(kernel_size=0), "kernel_size"),
         (dict(kernel_size=3.0), "kernel_size"),
+        (dict(kernel_size=99), "kernel_size"),
         (dict(iters=-1), "iters"),
         (dict(iters=2.5), "iters"),
         (dict(backend="cuda"), "backend"),

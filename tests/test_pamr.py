@@ -1,4 +1,4 @@
-"""PAMR (design 3.5) against a per-pixel loop oracle, plus properties and bad input."""
+"""PAMR against a per-pixel loop oracle, plus properties and bad input."""
 
 from __future__ import annotations
 
@@ -93,6 +93,17 @@ def test_constant_image_gives_uniform_neighbour_average():
     pad = F.pad(probs, (1, 1, 1, 1), mode="replicate")
     expect = sum(pad[..., 1 + dy : 6 + dy, 1 + dx : 6 + dx] for dy, dx in OFFSETS) / 8
     torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_raw_and_normalised_images_give_the_same_result():
+    """The official users feed a normalised image; the affinity is invariant to per-channel affine maps."""
+    probs = torch.softmax(3 * rand(1, 4, 9, 11, seed=9), 1)
+    image = rand(1, 3, 9, 11, seed=10)
+    mean = torch.tensor([0.48, 0.46, 0.41], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.27, 0.26, 0.28], dtype=torch.float64).view(1, 3, 1, 1)
+    refiner = PAMR(dilations=(1, 2), iters=3)
+    torch.testing.assert_close(refiner(probs, Guidance(image=image)),
+                               refiner(probs, Guidance(image=(image - mean) / std)), rtol=1e-6, atol=1e-7)
 
 
 def test_is_a_refiner():

@@ -50,7 +50,8 @@ def test_labels_equal_a_brute_force_loop_for_every_tiling(shape, size):
     probs = _probs(*shape, seed=sum(shape))
     expected = torch.from_numpy(_oracle(probs.numpy(), size))
     for tile in (1, 5, 13, 1 << 21):  # one value at a time, tiles cutting rows and cells, all at once
-        assert torch.equal(labels_at(probs, size, tile_elements=tile), expected)
+        for prune in (True, False):
+            assert torch.equal(labels_at(probs, size, tile_elements=tile, prune=prune), expected)
 
 
 def test_ties_and_near_ties_go_where_the_full_computation_puts_them():
@@ -62,7 +63,8 @@ def test_ties_and_near_ties_go_where_the_full_computation_puts_them():
     size = (17, 19)
     expected = torch.from_numpy(_oracle(probs.numpy(), size))
     for tile in (1, 7, 1 << 21):
-        assert torch.equal(labels_at(probs, size, tile_elements=tile), expected)
+        for prune in (True, False):
+            assert torch.equal(labels_at(probs, size, tile_elements=tile, prune=prune), expected)
 
 
 @pytest.mark.parametrize("shape, size", [((2, 7, 5, 6), (23, 17)), ((1, 21, 24, 32), (301, 199)), ((1, 5, 40, 40), (13, 17))])

@@ -1,4 +1,4 @@
-"""DeepLabv2 student parts: ASPP-v2, output stride, losses, teacher targets, augmentation, checkpoints."""
+"""DeepLabv2 student parts: trunk, heads, losses, teacher targets, checkpoints, inference."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from maskclip_apro.refiners import Chain
 from maskclip_apro.student.augment import AugmentParams, augment, rng_for
 from maskclip_apro.student.checkpoint import (
     latest_checkpoint,
@@ -21,7 +22,8 @@ from maskclip_apro.student.checkpoint import (
     save_model,
 )
 from maskclip_apro.student.data import StepBatches, read_pseudo_label
-from maskclip_apro.student.deeplabv2 import ASPPv2, DeepLabV2
+from maskclip_apro.student.deeplabv2 import ASPPFeatures, ASPPv2, DeepLabV2, sync_batchnorm
+from maskclip_apro.student.inference import predict, slide_stride
 from maskclip_apro.student.losses import combine, l1_sum, loss_sums
 from maskclip_apro.student.teacher import Teacher
 
@@ -79,11 +81,164 @@ def test_frozen_bn_keeps_statistics():
     assert not torch.equal(trained.backbone.bn1.running_mean, before)
 
 
-def test_l1_is_zero_when_student_equals_targets():
+def teacher_classifier(names_per_class, dim=8, threshold=None, seed=0):
+    """A teacher text classifier (generator.text.TextClassifier) with random unit rows."""
+    from maskclip_apro.generator.text import TextClassifier
+
+    owner = [k for k, n in enumerate(names_per_class) for _ in range(n)]
+    emb = F.normalize(torch.randn(len(owner), dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+    return TextClassifier(emb, torch.tensor(owner), len(names_per_class), threshold=threshold)
+
+
+def test_resnet_v1c_trunk_matches_mmseg():
+    """resnet50c: 3x3/2 3->32, 3x3 32->32, 3x3 32->64 stem; plain 1x1 shortcut; OS 8 with contract dilation."""
+    model = DeepLabV2(3, backbone="resnet50c", head="text", text=teacher_classifier([1, 1, 1], dim=16))
+    b = model.backbone
+    convs = [m for m in b.conv1 if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+    assert b.bn1.num_features == 64 and isinstance(b.maxpool, torch.nn.MaxPool2d)
+    shortcut = b.layer2[0].downsample  # v1c: no average pooling in the shortcut (that is v1d)
+    assert [type(m).__name__ for m in shortcut] == ["Conv2d", "BatchNorm2d"] and shortcut[0].stride == (2, 2)
+    assert b.layer2[0].conv2.stride == (2, 2)  # pytorch style: the stride sits on the 3x3
+    # mmseg ResNetV1c(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True)
+    assert [b.layer3[i].conv2.dilation for i in (0, 1)] == [(1, 1), (2, 2)]
+    assert [b.layer4[i].conv2.dilation for i in (0, 1)] == [(2, 2), (4, 4)]
+    assert b.layer3[0].conv2.stride == (1, 1) and b.layer4[0].conv2.stride == (1, 1)
+    assert b.feature_info.reduction()[-1] == 8 and b.feature_info.channels()[-1] == 2048
+
+
+def test_aspp_features_branches_are_conv_bn_relu_summed():
+    head = ASPPFeatures(6, 4).eval()
+    for branch, d in zip(head.branches, (6, 12, 18, 24)):
+        conv, bn, _ = branch
+        assert conv.bias is None and conv.dilation == (d, d) and conv.padding == (d, d)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 6, 30, 30)
+    expected = sum(
+        torch.relu((F.conv2d(x, c.weight, padding=c.padding, dilation=c.dilation) - bn.running_mean.view(1, -1, 1, 1))
+                   / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+        for c, bn, _ in head.branches
+    )
+    torch.testing.assert_close(head(x), expected)
+
+
+def test_text_head_is_the_teachers_frozen_embeddings():
+    """Rows equal the teacher's; logits = max over a class's names of <feature, row>; nothing trains them."""
+    teacher = teacher_classifier([1, 2, 1], dim=8)
+    model = tiny_model(3, head="text", text=teacher)
+    cls = model.classifier
+    assert torch.equal(cls.embeddings, teacher.embeddings) and torch.equal(cls.owner, teacher.owner)
+    assert torch.allclose(cls.embeddings.norm(dim=1), torch.ones(4))
+    assert "classifier.embeddings" in model.state_dict() and not any(p is cls.embeddings for p in model.parameters())
+    assert model.head.branches[0][0].out_channels == 8  # channels = the embedding width
+    feat = torch.randn(2, 8, 5, 6)
+    e = teacher.embeddings
+    dots = torch.einsum("bdhw,md->bmhw", feat, e)
+    expected = torch.stack([dots[:, 0], torch.maximum(dots[:, 1], dots[:, 2]), dots[:, 3]], dim=1)
+    torch.testing.assert_close(cls(feat), expected)
+    before = cls.embeddings.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.rand(2, 3, 32, 32)).logsumexp(1).mean().backward()
+    opt.step()
+    assert torch.equal(cls.embeddings, before)
+    with pytest.raises(ValueError, match="student.channels=4 but the text embeddings are 8-d"):
+        tiny_model(3, head="text", text=teacher, channels=4)
+    with pytest.raises(ValueError, match="needs the teacher's text classifier"):
+        tiny_model(3, head="text")
+
+
+def test_text_head_learns_the_threshold_background():
+    """Class 0 without text (threshold background): a learned unit embedding, as MaskCLIP+'s cls_bg."""
+    teacher = teacher_classifier([0, 1, 1], dim=8, threshold=0.5)
+    model = tiny_model(3, head="text", text=teacher)
+    bg = model.classifier.background
+    assert isinstance(bg, torch.nn.Parameter) and bg.shape == (1, 8)
+    feat = torch.randn(1, 8, 3, 3)
+    out = model.classifier(feat)
+    torch.testing.assert_close(out[:, 0], torch.einsum("bdhw,d->bhw", feat, F.normalize(bg[0].detach(), dim=0)))
+    torch.testing.assert_close(out[:, 1:], torch.einsum("bdhw,md->bmhw", feat, teacher.embeddings))
+    out.sum().backward()
+    assert bg.grad is not None and bg.grad.abs().sum() > 0
+
+
+def test_sync_batchnorm_only_for_several_cuda_processes():
+    model = tiny_model(3, bn="sync")
+    for world, device in ((2, "cpu"), (1, "cpu"), (1, "cuda")):
+        out = sync_batchnorm(model, world, torch.device(device))
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in out.modules())
+    plain = sync_batchnorm(tiny_model(3, bn="train"), 4, torch.device("cuda"))  # bn=train: never synchronised
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm runs on CUDA only; this machine has no GPU")
+def test_sync_batchnorm_converts_under_torchrun_on_cuda():
+    model = sync_batchnorm(tiny_model(3, bn="sync", head="text", text=teacher_classifier([1, 1, 1])), 2, torch.device("cuda"))
+    kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {torch.nn.SyncBatchNorm}
+    model = model.cuda().eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32, device="cuda")).shape == (1, 3, 32, 32)
+
+
+def test_mmcv_v1c_checkpoint_keys_are_renamed(tmp_path):
+    """An mmcv ResNetV1c state dict (stem.0..stem.7, fc.*) loads into timm's deep-stem ResNet."""
+    import timm
+    from safetensors.torch import save_file
+
+    kw = {"channels": (8, 16, 32, 64), "stem_width": 8, "stem_type": "deep"}
+    full = timm.create_model("resnet18", **kw)
+    rename = {"conv1.0.": "stem.0.", "conv1.1.": "stem.1.", "conv1.3.": "stem.3.", "conv1.4.": "stem.4.",
+              "conv1.6.": "stem.6.", "bn1.": "stem.7."}
+    state = {}
+    for k, v in full.state_dict().items():
+        for new, old in rename.items():
+            if k.startswith(new):
+                k = old + k[len(new):]
+                break
+        state[k] = v.clone()
+    save_file(state, str(tmp_path / "v1c.safetensors"))
+    model = DeepLabV2(3, backbone="resnet18", backbone_kwargs=kw, pretrained=str(tmp_path / "v1c.safetensors"))
+    torch.testing.assert_close(model.backbone.conv1[6].weight, full.conv1[6].weight)
+    torch.testing.assert_close(model.backbone.bn1.running_var, full.bn1.running_var)
+
+
+def test_predict_whole_at_the_protocol_scale_and_slide():
+    """The model sees the keep-ratio rescale; labels come back at the original size; for a pointwise
+    model sliding windows give the whole-image result."""
+    from maskclip_apro.geometry import rescale_size
+
+    seen = []
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model = Pointwise()
+    image = np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    labels, size = predict(model, image, img_scale=(520, 520))
+    assert size == rescale_size(30, 45, (520, 520)) == (347, 520) and seen == [size] and labels.shape == (30, 45)
+    seen.clear()
+    slid, _ = predict(model, image, img_scale=(520, 520), mode="slide", window=128, stride=96)
+    assert len(seen) == 4 * 6 and all(h <= 128 and w <= 128 for h, w in seen)
+    assert torch.equal(slid, labels)
+    assert slide_stride(512) == 341 and slide_stride(480) == 320
+    with pytest.raises(ValueError, match="eval.mode"):
+        predict(model, image, mode="tiles")
+
+
+
     torch.manual_seed(0)
     y = torch.softmax(torch.randn(2, 4, 6, 5) * 3, dim=1)
     valid = torch.ones(2, 6, 5, dtype=torch.bool)
-    sums = loss_sums(y.log(), y.argmax(1), [y, y], valid)
+    sums = loss_sums(y.log(), y.argmax(1), [y, y], [2.0, 1.0], valid)
     assert float(sums.l1) < 1e-5
 
 
@@ -91,19 +246,23 @@ def test_l1_and_ce_against_loop_oracle():
     torch.manual_seed(1)
     logits = torch.randn(1, 3, 2, 2)
     targets = [torch.softmax(torch.randn(1, 3, 2, 2), 1) for _ in range(2)]
+    weights = [2.0, 1.0]
     valid = torch.tensor([[[True, False], [True, True]]])
     hard = torch.tensor([[[0, 255], [2, 1]]])
     p = torch.softmax(logits, 1)
     l1 = sum(
-        float((p[0, :, i, j] - t[0, :, i, j]).abs().sum()) for t in targets for i in range(2) for j in range(2) if valid[0, i, j]
+        w * float((p[0, :, i, j] - t[0, :, i, j]).abs().sum())
+        for t, w in zip(targets, weights) for i in range(2) for j in range(2) if valid[0, i, j]
     )
     ce = sum(-float(torch.log_softmax(logits[0, :, i, j], 0)[hard[0, i, j]]) for i in range(2) for j in range(2) if hard[0, i, j] != 255)
-    sums = loss_sums(logits, hard, targets, valid)
+    sums = loss_sums(logits, hard, targets, weights, valid)
     assert float(sums.l1) == pytest.approx(l1, rel=1e-5)
     assert float(sums.ce) == pytest.approx(ce, rel=1e-5)
-    assert float(combine(sums, 3, 3, 1.0, 0.5)) == pytest.approx(ce / 3 + 0.5 * l1 / 3, rel=1e-5)
+    assert float(combine(sums, 3, 3, 0.5)) == pytest.approx(0.5 * ce / 3 + l1 / 3, rel=1e-5)
     with pytest.raises(ValueError, match="soft target shape"):
-        l1_sum(p, [targets[0][:, :2]], valid)
+        l1_sum(p, [targets[0][:, :2]], [1.0], valid)
+    with pytest.raises(ValueError, match="2 soft targets but 1 weights"):
+        l1_sum(p, targets, [1.0], valid)
 
 
 class StubGenerator:
@@ -116,28 +275,55 @@ class StubGenerator:
 
     def __call__(self, images: torch.Tensor):
         pooled = F.avg_pool2d(images, self.patch, ceil_mode=True)
-        return SimpleNamespace(logits=torch.einsum("kc,bchw->bkhw", self.weight, pooled), image=images)
+        logits = torch.einsum("kc,bchw->bkhw", self.weight, pooled)
+        return SimpleNamespace(logits=logits, keys=None, features=None, image=images)
 
 
-@pytest.mark.parametrize("mode,count", [("none", 0), ("gp_lp_parallel", 2), ("lp_gp", 1), ("gp_lp", 1)])
-def test_teacher_targets(mode, count):
+# APro at the crop's own size (no grid-relative resizing), so the oracle below stays a plain composition
+APRO_FAST = {"apro": {"iters": 3, "backend": "torch", "zeta_s": 0.15, "gp_scale": None, "lp_scale": None},
+             "pd": {"thresh": 0.5}}
+
+
+@pytest.mark.parametrize("steps,weights", [([], []), (["apro"], [2.0, 1.0]), (["lp_gp"], [2.0]), (["gp_lp"], [1.0])])
+def test_teacher_targets(steps, weights):
     from maskclip_apro.apro import global_propagation, local_propagation
 
     torch.manual_seed(0)
     images = torch.rand(2, 3, 16, 16)
     valid = torch.ones(2, 16, 16, dtype=torch.bool)
-    teacher = Teacher(StubGenerator(), mode=mode, apro={"iters": 3, "backend": "torch"})
+    teacher = Teacher(StubGenerator(), Chain.from_steps(steps, APRO_FAST), gp_weight=2.0, lp_weight=1.0)
     t = teacher(images, valid)
-    assert t.hard.shape == (2, 16, 16) and len(t.soft) == count
-    p = teacher.probabilities(images)
-    assert p.shape == (2, 5, 16, 16)
-    gp = lambda x: global_propagation(x, images, 0.1, backend="torch")  # noqa: E731
-    lp = lambda x: local_propagation(x, images, zeta_s=0.15, kernel_size=5, iters=3, backend="torch")  # noqa: E731
-    expected = {"none": [], "gp_lp_parallel": [gp(p), lp(p)], "lp_gp": [gp(lp(p))], "gp_lp": [lp(gp(p))]}[mode]
+    assert t.hard.shape == (2, 16, 16) and t.weights == weights
+    p = F.interpolate(torch.softmax(StubGenerator()(images).logits, 1), size=(16, 16), mode="bilinear", align_corners=False)
+    guide = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)  # APro reads the ImageNet-normalised image
+    gp = lambda x: global_propagation(x, guide, 0.1, backend="torch")  # noqa: E731
+    lp = lambda x: local_propagation(x, guide, zeta_s=0.15, kernel_size=5, iters=3, backend="torch")  # noqa: E731
+    expected = {(): [], ("apro",): [gp(p), lp(p)], ("lp_gp",): [gp(lp(p))], ("gp_lp",): [lp(gp(p))]}[tuple(steps)]
+    assert len(t.soft) == len(expected)
     for a, b in zip(t.soft, expected):
         torch.testing.assert_close(a, b)
     mean = p if not expected else sum(expected) / len(expected)
     assert torch.equal(t.hard, mean.argmax(1))
+
+
+def test_teacher_runs_the_whole_chain_and_takes_soft_targets_from_its_apro_step():
+    """refine=apro_pd: soft targets are APro's maps, the hard label is the argmax after PD."""
+    from maskclip_apro.refiners import Guidance, build_refiner
+    from maskclip_apro.segmenter import labels_at
+
+    torch.manual_seed(3)
+    images = torch.rand(1, 3, 16, 16)
+    teacher = Teacher(StubGenerator(), Chain.from_steps(["apro", "pd"], APRO_FAST))
+    t = teacher(images, torch.ones(1, 16, 16, dtype=torch.bool))
+    p = torch.softmax(StubGenerator()(images).logits, 1)
+    maps = build_refiner("apro", APRO_FAST).targets(p, Guidance(image=images))
+    for a, b in zip(t.soft, maps):
+        torch.testing.assert_close(a, b)
+    refined = build_refiner("pd", APRO_FAST)(sum(maps) / 2, Guidance(image=images))
+    assert torch.equal(t.hard, labels_at(refined, (16, 16)))
+    with pytest.raises(ValueError, match="2 APro steps"):
+        Teacher(StubGenerator(), Chain.from_steps(["apro", "gp"], APRO_FAST))
 
 
 def test_teacher_ignores_padding():
@@ -146,13 +332,13 @@ def test_teacher_ignores_padding():
     valid = torch.ones(2, 16, 16, dtype=torch.bool)
     valid[1, 10:] = False
     valid[1, :, 12:] = False
-    teacher = Teacher(StubGenerator(), mode="gp_lp_parallel", apro={"iters": 2, "backend": "torch"})
+    teacher = Teacher(StubGenerator(), Chain.from_steps(["apro"], {"apro": {"iters": 2, "backend": "torch"}}))
     t = teacher(images, valid)
     assert (t.hard[1][~valid[1]] == 255).all() and (t.hard[1][valid[1]] != 255).all()
     alone = teacher(images[1:, :, :10, :12], valid[1:, :10, :12])
     assert torch.equal(t.hard[1, :10, :12], alone.hard[0])
     torch.testing.assert_close(t.soft[0][1, :, :10, :12], alone.soft[0][0])
-    assert float(t.soft[0][1, :, 10:].abs().sum()) == 0.0
+    assert float(t.soft[0][1, :, 10:].abs().sum()) == 0.0 and t.weights == [2.0, 1.0]
     full = teacher(images[:1], valid[:1])
     assert torch.equal(t.hard[0], full.hard[0])
     with pytest.raises(ValueError, match="teacher scores 5 classes but the dataset has 7"):
@@ -163,16 +349,22 @@ def test_augment_deterministic_and_padded():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     label = rng.integers(0, 4, (20, 30), dtype=np.uint8)
-    params = AugmentParams(crop=32, scale=(0.5, 0.5))
+    pad = (0.25, 0.5, 0.75)
+    params = AugmentParams(crop=32, scale=(0.5, 0.5), pad_value=pad)
     a = augment(image, label, params, rng_for(3, 7))
     b = augment(image, label, params, rng_for(3, 7))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    img, lab, valid = a
-    assert img.shape == (3, 32, 32) and lab.shape == (32, 32)
-    assert int(valid.sum()) == 16 * 24  # short side 20 -> 16 (base 32 x 0.5)
-    assert (lab[~valid] == 255).all() and (img[:, ~valid] == 0).all()
+    assert all(torch.equal(x, y) for x, y in zip((a.image, a.label, a.valid), (b.image, b.label, b.valid)))
+    assert a.image.shape == (3, 32, 32) and a.label.shape == (32, 32)
+    # no img_scale: base = the image's own (30, 20), x 0.5 -> 15 x 10, padded at the bottom and right
+    assert a.valid[:10, :15].all() and int(a.valid.sum()) == 10 * 15
+    assert (a.label[~a.valid] == 255).all()
+    assert torch.equal(a.image[:, ~a.valid], torch.tensor(pad).view(3, 1).expand(3, 32 * 32 - 150))
+    c = augment(image, label, params, rng_for(3, 8))
+    assert not torch.equal(a.image, c.image)
     with pytest.raises(ValueError, match="augment.scale"):
         AugmentParams(crop=32, scale=(2.0, 1.0))
+    with pytest.raises(ValueError, match="augment.cat_max_ratio"):
+        AugmentParams(crop=32, cat_max_ratio=0.0)
 
 
 def test_step_batches_shard_the_global_batch():
@@ -203,7 +395,8 @@ def test_model_checkpoint_roundtrip_and_wrong_architecture(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     with pytest.raises(ValueError, match=r"model.safetensors.*shape mismatch: head.convs.0.bias \(file \(5,\), model \(6,\)\)"):
         load_model(tiny_model(6), tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"resnet18 with 5 classes in the file, resnet10t with 5 classes expected.*missing keys: backbone.conv1.0.weight"):
+    with pytest.raises(ValueError, match=r"resnet18, aspp head with 5 classes in the file, resnet10t, aspp head with 5 classes "
+                       r"expected.*missing keys: backbone.conv1.0.weight"):
         load_model(DeepLabV2(5, backbone="resnet10t"), tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_model(model, tmp_path / "nope.safetensors")
@@ -251,3 +444,15 @@ def test_training_state_roundtrip(tmp_path, opt):
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][i][k]))
     assert not (tmp_path / "train_state.pkl").exists()
+
+
+def test_checkpoint_module_does_not_import_the_model_module():
+    """One state-dict check, in checkpoint.py; deeplabv2.py imports it, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    import maskclip_apro.student.checkpoint as ckpt
+
+    tree = ast.parse(Path(ckpt.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(m and m.endswith("deeplabv2") for m in imported)

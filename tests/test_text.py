@@ -181,8 +181,40 @@ def test_cache_invalidated_by_checkpoint_change_and_corruption(monkeypatch, tmp_
     assert calls > 0
     for cached in (tmp_path / "cache").glob("*.safetensors"):
         cached.write_bytes(b"not a safetensors file")
-    regen, calls = counter.build(**kw)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        regen, calls = counter.build(**kw)
     assert calls > 0 and torch.equal(regen.classifier.embeddings, gen.classifier.embeddings)
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [(lambda e: torch.randn(e.shape[0], e.shape[1] + 8), "40 wide, the model.s 32"),
+     (lambda e: e.clone().index_fill_(1, torch.tensor([3]), float("nan")), "NaN")],
+)
+def test_a_cache_file_of_the_wrong_width_or_with_nan_is_rebuilt(monkeypatch, tmp_path, bad, reason):
+    """The warning blames the cache file; the rebuilt embeddings and the file are right again."""
+    from maskclip_apro.generator.cache import load_cached, save_cached
+
+    counter = Counter(monkeypatch)
+    kw = {"cache_dir": str(tmp_path)}
+    good, _ = counter.build(**kw)
+    (cached,) = tmp_path.glob("*.safetensors")
+    save_cached(cached, bad(good.classifier.embeddings), ["cat", "dog"])
+    with pytest.warns(UserWarning, match=rf"cache file '{cached}' is not usable .*({reason})"):
+        again, calls = counter.build(**kw)
+    assert calls > 0 and torch.equal(again.classifier.embeddings, good.classifier.embeddings)
+    assert torch.equal(load_cached(cached, ["cat", "dog"], 32), good.classifier.embeddings)
+    out = again(torch.rand(1, 3, 64, 64))
+    assert bool(torch.isfinite(out.logits).all())
+
+
+def test_non_finite_text_embeddings_blame_the_weights(tmp_path):
+    torch.manual_seed(0)
+    clip, identity = load_clip("tiny_vit", None)
+    with torch.no_grad():
+        clip.text_projection.fill_(float("nan"))
+    with pytest.raises(ValueError, match="text tower of tiny_vit gives NaN.*model.pretrained"):
+        build_text_classifier(clip, "tiny_vit", identity + ":nan", ["cat"], TEMPLATES, None, tmp_path)
 
 
 def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
-
-BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def check_map(name: str, x, ndim: int = 4) -> torch.Tensor:
@@ -47,22 +43,3 @@ def check_positive(name: str, value) -> float:
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return v
-
-
-def check_backend(backend: str, device: torch.device) -> str:
-    """Resolve "auto" to "triton" on CUDA and "cpu" elsewhere; reject unknown names.
-
-    "triton" runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError("backend 'triton' needs the triton package; use backend='cpu' or 'torch'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter; got device {device}"
-            )
-    return backend

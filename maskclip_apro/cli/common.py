@@ -17,14 +17,15 @@ from ..samples import sample_paths
 from ..schema import check_config
 
 
-def prepare(cfg: DictConfig, command: str) -> Path:
-    """Check the config, apply the image size limit, tidy the output folder; returns the folder.
+def prepare(cfg: DictConfig, command: str, out: Path | None = None) -> Path:
+    """Check the config, apply the image size limit, tidy the output folder (cfg.output_dir
+    unless `out` names the run's own); returns the folder.
 
     Temporary files that a killed run left behind (see data.io.atomic_write) are removed.
     """
     check_config(cfg, command)
     set_max_image_pixels(cfg.get("max_image_pixels"))
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir) if out is None else Path(out)
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {out}")

@@ -12,11 +12,15 @@ from ..data.io import atomic_write, output_path
 from .common import prepare, resolved, write_json
 from .methods import methods_table, run_methods
 from .reuse import ReuseLog
+from .sweep import job_output_dir
 
 
 def run(cfg: DictConfig) -> dict:
-    """Score every method in cfg.methods; writes table.md and results.json to cfg.output_dir."""
-    out = prepare(cfg, "compare")
+    """Score every method in cfg.methods; writes table.md and results.json to cfg.output_dir.
+
+    In a multirun (-m) each job writes to its own folder and cli/sweep.py joins them in one table.
+    """
+    out = prepare(cfg, "compare", job_output_dir(cfg))
     methods = OmegaConf.to_container(cfg.methods, resolve=True)
     results = run_methods(cfg, methods, out, panels=cfg.panels)
     table = methods_table(results)

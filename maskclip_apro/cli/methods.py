@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from ..config import protocol_name
 from ..data.io import atomic_write, output_path
 from ..data.palette import voc_palette
 from ..evaluation import ConfusionMatrix
@@ -60,10 +61,6 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
     """
     dataset, class_names = open_inputs(cfg)
     segmenter = Segmenter.from_config(cfg, class_names)
-    skipped = [m for m, steps in methods.items() if "ks" in steps and not segmenter.generator.has_keys]
-    if skipped:
-        print(f"{cfg.model.name} has no attention keys: key smoothing methods skipped: {skipped}")
-        methods = {m: steps for m, steps in methods.items() if m not in skipped}
     names = list(methods)
     keys = ResultKey(cfg, class_names, segmenter.generator.identity, {"methods": {m: list(v) for m, v in methods.items()}})
     chains = {m: Chain.from_steps(steps, cfg.refine) for m, steps in methods.items()}
@@ -107,7 +104,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
         "images": done,
         **log.summary(),
         "failed": failures.items,
-        "skipped_methods": skipped,
+        "protocol": protocol_name(cfg),
         "classes": class_names,
         "generator_seconds_per_image": generator_seconds / n,
         "methods": {
@@ -141,7 +138,8 @@ def methods_table(results: dict) -> str:
     """Markdown: method, mIoU, refiner seconds per image."""
     failed = len(results.get("failed", []))
     lines = [
-        f"MaskCLIP generator: {results['generator_seconds_per_image']:.3f} s/img over {results['images']} images"
+        f"MaskCLIP generator, protocol {results['protocol']}: "
+        f"{results['generator_seconds_per_image']:.3f} s/img over {results['images']} images"
         + (f" ({failed} unreadable image(s) skipped, listed in results.json)" if failed else ""),
         "",
         "| Method | mIoU (%) | pixel acc (%) | refiner s/img |",

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ..config import hydra_app
+from ..config import hydra_app, protocol_name
 from ..data.base import file_fingerprint
 from ..data.io import atomic_write, load_label, output_path, save_label_png, save_overlay
 from ..data.palette import voc_palette
@@ -83,8 +83,6 @@ def run(cfg: DictConfig) -> dict:
     chains = {"main": segmenter.refiner}
     if cfg.panel:
         for title, steps in PANEL_STEPS.items():
-            if "ks" in steps and not segmenter.generator.has_keys:
-                continue
             chains[title] = Chain.from_steps(steps, cfg.refine)
     matrix = ConfusionMatrix(len(class_names), ignore_index=dataset.ignore_index)
     labelled = done = 0
@@ -122,6 +120,7 @@ def run(cfg: DictConfig) -> dict:
             labelled += 1
     summary = {
         "images": len(dataset),
+        "protocol": protocol_name(cfg),
         "refined": done,
         **log.summary(),
         "failed": failures.items,

@@ -2,8 +2,8 @@
 
 A saved per-image result carries the key it was made under: the package version, the
 identity of the CLIP weights, a digest of the config entries that decide results (model,
-generator, background, protocol, refiners, dataset settings and the command's own, such as the
-compared methods), the vocabulary, and fingerprints of the input image and label (size and
+generator with its test protocol, background, refiners, dataset settings and the command's own,
+such as the compared methods), the vocabulary, and fingerprints of the input image and label (size and
 modification time of the files, or the parameters of a generated sample). A rerun reuses a
 result only when every part matches, and counts the others by the first part that differs.
 Where the data lives (dataset.root, input) and how much of it runs (limit) are not part of the
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import __version__
 from ..data.base import Source
 
-RESULT_KEYS = ("model", "generator", "background", "protocol", "refine", "dataset")
+RESULT_KEYS = ("model", "generator", "background", "refine", "dataset")
 NOT_RESULTS = {"generator": ("cache_dir",), "dataset": ("root", "limit", "classes")}
 KEY_PARTS = {  # part of the key -> reason given when it differs
     "version": "package version",

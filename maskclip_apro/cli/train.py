@@ -1,8 +1,11 @@
-"""MaskCLIP+ student training (DeepLabv2 on APro-refined pseudo labels), single or multi process.
+"""MaskCLIP+ student training on online (APro-refined) MaskCLIP pseudo labels, single or multi process.
 
-    python scripts/train.py dataset=context59 student=deeplabv2_r101 model=vit_b16
-    torchrun --nproc_per_node 4 scripts/train.py dataset=voc21 model=vit_b16 batch_size=32
+    python scripts/train.py dataset=voc20 model=vit_b16                      # MaskCLIP+ recipe + APro targets
+    python scripts/train.py dataset=voc20 model=vit_b16 refine=none          # plain MaskCLIP+
+    python scripts/train.py dataset=voc20 model=vit_b16 student=apro_paper   # the APro paper's recipe
+    torchrun --nproc_per_node 4 scripts/train.py dataset=context59 model=vit_b16
     python scripts/train.py dataset=synthetic model=tiny_vit student=tiny iters=20
+    python scripts/train.py dataset=context59 model=vit_b16 resume=latest    # continue the newest such run
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from omegaconf import DictConfig
 
 from ..config import hydra_app
 from ..student.distributed import init_distributed, shutdown
-from .common import prepare
 from ..student.trainer import Trainer
+from .common import prepare
 
 
 def run(cfg: DictConfig) -> list[float]:

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..geometry import check_img_scale
+from .ade import ADE20KDataset
+from .cityscapes import CityscapesDataset
+from .cocoobject import COCOObjectDataset
 from .cocostuff import COCOStuffDataset
 from .context import PascalContextDataset
 from .folder import FolderDataset, ImagesDataset
@@ -20,6 +23,9 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "context59": lambda root, split, **kw: PascalContextDataset(root, split or "val", num_classes=59, **kw),
     "context60": lambda root, split, **kw: PascalContextDataset(root, split or "val", num_classes=60, **kw),
     "cocostuff171": lambda root, split, **kw: COCOStuffDataset(root, split or "val", **kw),
+    "cocoobject81": lambda root, split, **kw: COCOObjectDataset(root, split or "val", **kw),
+    "cityscapes19": lambda root, split, **kw: CityscapesDataset(root, split or "val", **kw),
+    "ade150": lambda root, split, **kw: ADE20KDataset(root, split or "val", **kw),
     "folder": lambda root, split, **kw: FolderDataset(root, split=split, **kw),
     "images": lambda root, split, **kw: ImagesDataset(root, **kw),
 }
@@ -37,15 +43,17 @@ def build_dataset(
     name: str, root: str | Path | list | None = None, split: str | None = None, img_scale: Any = None, **kwargs: Any
 ):
     """A dataset by name: synthetic, voc21, voc20, context59, context60, cocostuff171,
-    folder (images + label PNGs + class file, including VOC-style exports such as labelme's)
-    or images (a folder, one image or a list of image files; no labels).
+    cocoobject81, cityscapes19, ade150, folder (images + label PNGs + class file, including
+    VOC-style exports such as labelme's) or images (a folder, one image or a list of image
+    files; no labels).
 
-    split: None gives each dataset's default ("val"; every image for folder); images ignores
-    it. kwargs: limit (first N samples) for all; label_dir for voc21/voc20; classes, image_dir
-    and label_dir for folder; classes for images; num_images, size, seed, ignore_boundary for
-    synthetic. img_scale: the dataset's standard keep-ratio scale
-    [long, short] (see maskclip_apro.geometry), or None. Returns an object with len(),
-    [i] -> Sample, class_names, num_classes, ignore_index, has_background and img_scale.
+    split: None gives each dataset's default ("val"; every image for folder, which also uses
+    every image when it has no ImageSets folder); images ignores it. kwargs: limit (first N
+    samples) for all; label_dir for voc21/voc20; classes, image_dir and label_dir for folder;
+    classes for images; num_images, size, seed, ignore_boundary for synthetic. img_scale: the
+    dataset's standard keep-ratio scale [long, short] (see maskclip_apro.geometry), or None.
+    Returns an object with len(), [i] -> Sample, class_names, num_classes, ignore_index,
+    has_background and img_scale.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")

@@ -73,8 +73,8 @@ class FolderDataset(SegDataset):
     root/class_names.txt). image_dir / label_dir name the folders when they are called otherwise
     (label folders are tried in the order labels, SegmentationClassPNG, SegmentationClass, the
     first holding PNG files). classes: a vocabulary name, a class file or a list; default the
-    class file in root. split: None uses every image; a name reads the ids in
-    root/ImageSets/Segmentation/<split>.txt. The dataset has a background class when the first
+    class file in root. split: a name reads the ids in root/ImageSets/Segmentation/<split>.txt
+    when that folder exists; None, or a folder without ImageSets, uses every image. The dataset has a background class when the first
     class is named "background".
     """
 
@@ -92,7 +92,7 @@ class FolderDataset(SegDataset):
         labels = _find_folder(root, label_dir, LABEL_DIRS, "label folder", "label_dir", holding=".png")
         class_names = folder_classes(root, classes)
         paths = list_images(images)
-        if split is not None:
+        if split is not None and (root / SPLIT_DIR).is_dir():
             by_stem = {p.stem: p for p in paths}
             split_file = root / SPLIT_DIR / f"{split}.txt"
             ids = read_split_file(split_file)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-BUILTIN_VOCABS = ("voc20", "voc21", "context59", "context60", "cocostuff171")
+BUILTIN_VOCABS = ("voc20", "voc21", "context59", "context60", "cocostuff171", "cocoobject81", "cityscapes19", "ade150")
 
 
 def split_synonyms(line: str) -> list[str]:

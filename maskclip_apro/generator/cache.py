@@ -1,8 +1,9 @@
 """Disk cache of text embeddings: one safetensors file per (model, checkpoint, templates, names).
 
 Files are written atomically (temp file in the same folder, then rename) and read with
-safetensors (no unpickling). The names are stored in the metadata and checked on load; a
-corrupt or mismatching file is a miss and gets rewritten.
+safetensors (no unpickling). The names are stored in the metadata and checked on load. A file
+that cannot be read, names other classes, has another embedding width or holds NaN or inf
+values is a miss: a warning names the file, and the embeddings are recomputed and rewritten.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,20 +35,30 @@ def cache_path(cache_dir: Path, model: str, identity: str, templates: Sequence[s
     return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
 
 
-def load_cached(path: Path, names: Sequence[str]) -> Optional[torch.Tensor]:
-    """The cached (M, D) embeddings of `names`, or None on a miss."""
+def load_cached(path: Path, names: Sequence[str], width: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The cached (M, D) embeddings of `names` (D == width when given), or None on a miss (module doc)."""
     from safetensors import safe_open
 
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if json.loads(f.metadata().get("names", "null")) != list(names):
-                return None
+            stored = json.loads(f.metadata().get("names", "null"))
             emb = f.get_tensor("embeddings")
-    except Exception:  # a corrupt or foreign file is a miss; it is rewritten
-        return None
-    return emb if emb.shape[0] == len(names) else None
+    except Exception as err:  # a corrupt or foreign file is a miss; it is rewritten
+        return _stale(path, f"it cannot be read ({type(err).__name__})")
+    if stored != list(names) or emb.dim() != 2 or emb.shape[0] != len(names):
+        return _stale(path, "it holds other class names")
+    if width is not None and emb.shape[1] != width:
+        return _stale(path, f"its embeddings are {emb.shape[1]} wide, the model's {width}")
+    if not bool(torch.isfinite(emb).all()):
+        return _stale(path, "it holds NaN or inf values")
+    return emb
+
+
+def _stale(path: Path, reason: str) -> None:
+    warnings.warn(f"text-embedding cache file {str(path)!r} is not usable ({reason}): recomputing it", stacklevel=3)
+    return None
 
 
 def save_cached(path: Path, emb: torch.Tensor, names: Sequence[str]) -> None:

@@ -1,14 +1,28 @@
-"""The MaskCLIP generator: short-side resize, sliding windows, dense features, text logits.
+"""The MaskCLIP generator: resize, normalise, dense features and keys, text logits.
 
-Geometry: the short side is resized to `short_side` (a multiple of the patch size p) and the
-long side to the nearest multiple of p to its aspect-preserving length (an aspect change below
-p / long side), so the resized image H' x W' is exactly the (H'/p) x (W'/p) patch grid times p.
-Windows of `window` pixels (clipped to the image where it is smaller) start every `stride`
-pixels, the last one flush with the far edge (mmseg's slide inference); all lie on the patch
-grid. Per window: logits = s * cos(feature, text) (max over synonyms, background rule). On the
-global grid, logits, keys and features are the mean over the windows covering a patch;
-features are renormalised after averaging, so logits == s * cos(features, text) holds exactly
-where a single window covers a patch. mode="whole" runs the resized image once.
+Resize (one of, in this order of precedence):
+- short_side: the short side goes to short_side and each side to the nearest multiple of the
+  patch size p (aspect change below p / side), antialiased bilinear. The resized image is then
+  exactly a patch grid, which the sliding-window mode needs.
+- img_scale = (a, b): mmcv's keep-ratio rule (maskclip_apro.geometry.rescale_size), plain
+  bilinear (half-pixel centres, no antialias, as OpenCV's INTER_LINEAR that mmcv calls). MaskCLIP's
+  test protocol; the size is not rounded: the backbone handles the remainder as the official
+  code does (ViT: zero padding to the next multiple of p; ResNet: its strided layers floor).
+- neither: the input size is kept.
+
+Normalisation: (image - mean) / std with the constants given (ImageNet's or the model's).
+
+Inference: mode="whole" runs the image once; the output grid is the backbone's (ceil(H/p) x
+ceil(W/p) for a ViT). mode="slide" zero-pads the normalised image to a multiple of p, runs
+windows of `window` pixels (clipped to the image where it is smaller) every `stride` pixels,
+the last one flush with the far edge (mmseg's slide inference), all on the patch grid; per
+window logits = s * cos(feature, text) (max over synonyms, background rule); on the global
+grid logits, keys and features are the mean over the windows covering a patch, features
+renormalised after averaging, so logits == s * cos(features, text) holds exactly where a single
+window covers a patch.
+
+The output grid covers the (padded) image; callers map it onto the resized image by stretching
+it to H' x W' (bilinear, align_corners=False), as mmseg does with the head's output.
 """
 
 from __future__ import annotations
@@ -20,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..geometry import check_img_scale, rescale_size
 from .text import TextClassifier
+from .vit import pad_to_multiple
 
 WINDOW_BATCH = 8  # windows (times images) per forward pass
 MODES = ("slide", "whole")
@@ -28,10 +44,14 @@ MODES = ("slide", "whole")
 
 @dataclass
 class GeneratorOutput:
-    """logits (B, K, h, w); keys (B, C, h, w) or None; features (B, D, h, w) unit; image (B, 3, H', W') in [0, 1]."""
+    """logits (B, K, h, w); keys (B, C, h, w); features (B, D, h, w) unit; image (B, 3, H', W') in [0, 1].
+
+    h x w is the patch grid of the resized image (padded to whole patches for a ViT); image is
+    the resized image without padding.
+    """
 
     logits: torch.Tensor
-    keys: Optional[torch.Tensor]
+    keys: torch.Tensor
     features: torch.Tensor
     image: torch.Tensor
 
@@ -69,7 +89,11 @@ def resized_size(height: int, width: int, short_side: Optional[int], patch: int)
 
 
 class MaskCLIPGenerator(nn.Module):
-    """Images (B, 3, H, W) float RGB in [0, 1] -> GeneratorOutput on the resized image's patch grid."""
+    """Images (B, 3, H, W) float RGB in [0, 1] -> GeneratorOutput on the resized image's patch grid.
+
+    model: the open_clip model whose image tower `backbone` wraps (kept for introspection and
+    further text encoding; `generator.model`).
+    """
 
     def __init__(
         self,
@@ -79,27 +103,31 @@ class MaskCLIPGenerator(nn.Module):
         mean: torch.Tensor,
         std: torch.Tensor,
         *,
+        model: Optional[nn.Module] = None,
         logit_scale: float = 100.0,
-        mode: str = "slide",
-        short_side: Optional[int] = 448,
+        mode: str = "whole",
+        short_side: Optional[int] = None,
+        img_scale: Optional[Sequence[int]] = (2048, 512),
         window: int = 448,
         stride: int = 224,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.model = model
         self.patch_size = int(backbone.patch_size)
         p = self.patch_size
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"generator.mode must be one of {MODES}, got {mode!r}")
         if not logit_scale > 0:
-            raise ValueError(f"logit_scale must be positive, got {logit_scale!r}")
+            raise ValueError(f"generator.logit_scale must be positive, got {logit_scale!r}")
         for name, value in (("short_side", short_side), ("window", window), ("stride", stride)):
             if name == "short_side" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % p:
-                raise ValueError(f"{name} must be a positive multiple of the patch size {p}, got {value!r}")
+                raise ValueError(f"generator.{name} must be a positive multiple of the patch size {p}, got {value!r}")
         if stride > window:
-            raise ValueError(f"stride ({stride}) must not exceed window ({window}): windows would leave gaps")
+            raise ValueError(f"generator.stride ({stride}) must not exceed window ({window}): windows would leave gaps")
+        self.img_scale = None if img_scale is None else check_img_scale(img_scale, "generator.img_scale")
         self.classifier = classifier
         self.class_names = list(class_names)
         self.num_classes = classifier.num_classes
@@ -112,28 +140,35 @@ class MaskCLIPGenerator(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
-    @property
-    def has_keys(self) -> bool:
-        """Whether outputs carry last-block keys (ViT), which key smoothing needs."""
-        return bool(self.backbone.provides_keys)
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H', W') of an input of height x width under this generator's resize rule (module doc)."""
+        if self.short_side is not None:
+            return resized_size(height, width, self.short_side, self.patch_size)
+        size = (height, width) if self.img_scale is None else rescale_size(height, width, self.img_scale)
+        if min(size) < self.patch_size:
+            raise ValueError(
+                f"image of size {height}x{width} (resized to {size[0]}x{size[1]}) is smaller than one patch "
+                f"({self.patch_size}x{self.patch_size} pixels)"
+            )
+        return size
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Short-side resize (bilinear, antialiased) to the patch-aligned size; unchanged if already there."""
+        """The resized batch (module doc); unchanged if already at the target size."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
         if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
             raise ValueError("images must be finite floating-point RGB in [0, 1]")
-        size = resized_size(images.shape[2], images.shape[3], self.short_side, self.patch_size)
+        size = self.resized_size(images.shape[2], images.shape[3])
         images = images.to(self.device, torch.float32)
         if size == tuple(images.shape[-2:]):
             return images
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+        antialias = self.short_side is not None
+        out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+        return out.clamp_(0, 1)
 
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
-        """(y, x, h, w) pixel boxes of the windows for a resized image."""
-        if self.mode == "whole":
-            return [(0, 0, height, width)]
+        """(y, x, h, w) pixel boxes of the sliding windows on a patch-aligned image."""
         wh, ww = min(self.window, height), min(self.window, width)
         return [
             (y, x, wh, ww)
@@ -141,33 +176,34 @@ class MaskCLIPGenerator(nn.Module):
             for x in window_starts(width, self.window, self.stride)
         ]
 
+    def head(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, keys and unit features of a normalised batch, on the backbone's grid."""
+        f, k = self.backbone(normed)
+        f = F.normalize(f.float(), dim=1)
+        return self.classifier(f, self.logit_scale), k.float(), f
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> GeneratorOutput:
         image = self.resize(images)
-        b, _, height, width = image.shape
-        p = self.patch_size
         normed = (image - self.mean) / self.std
+        if self.mode == "whole":
+            logits, keys, feats = self.head(normed)
+            return GeneratorOutput(logits=logits, keys=keys, features=feats, image=image)
+        p = self.patch_size
+        normed = pad_to_multiple(normed, p)
+        b, _, height, width = normed.shape
         boxes = self.windows(height, width)
-        logits, keys, feats = [], [], []
+        tiles: tuple[list, list, list] = ([], [], [])
         for start in range(0, len(boxes), WINDOW_BATCH):
             chunk = boxes[start : start + WINDOW_BATCH]
             crops = torch.cat([normed[:, :, y : y + h, x : x + w] for y, x, h, w in chunk])
-            f, k = self.backbone(crops)
-            f = F.normalize(f.float(), dim=1)
-            z = self.classifier(f, self.logit_scale)
+            outputs = self.head(crops)
             for i, (y, x, _, _) in enumerate(chunk):
-                part = slice(i * b, (i + 1) * b)
-                logits.append((y // p, x // p, z[part]))
-                feats.append((y // p, x // p, f[part]))
-                if k is not None:
-                    keys.append((y // p, x // p, k[part].float()))
+                for store, out in zip(tiles, outputs):
+                    store.append((y // p, x // p, out[i * b : (i + 1) * b]))
         grid = (height // p, width // p)
-        return GeneratorOutput(
-            logits=stitch(logits, grid),
-            keys=stitch(keys, grid) if keys else None,
-            features=F.normalize(stitch(feats, grid), dim=1),
-            image=image,
-        )
+        logits, keys, feats = (stitch(store, grid) for store in tiles)
+        return GeneratorOutput(logits=logits, keys=keys, features=F.normalize(feats, dim=1), image=image)
 
 
 def build_dense_backbone(visual: nn.Module) -> nn.Module:
@@ -193,29 +229,41 @@ def build_generator(
     templates: Union[str, Sequence[str]] = "maskclip",
     background: Optional[dict] = None,
     logit_scale: float = 100.0,
-    mode: str = "slide",
-    short_side: Optional[int] = 448,
+    mode: str = "whole",
+    short_side: Optional[int] = None,
+    img_scale: Optional[Sequence[int]] = (2048, 512),
     window: int = 448,
     stride: int = 224,
+    normalize: str = "imagenet",
+    act: Optional[str] = None,
+    ln_eps: Optional[float] = None,
     cache_dir: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
 ) -> MaskCLIPGenerator:
-    """A MaskCLIP generator for `class_names` from an open_clip model and checkpoint (see models.load_clip)."""
-    from .models import image_mean_std, load_clip
+    """A MaskCLIP generator for `class_names` from an open_clip model and checkpoint (models.load_clip).
+
+    The defaults are the geometry and normalisation of MaskCLIP's test protocol (whole image,
+    keep-ratio scale (2048, 512), ImageNet mean/std). act / ln_eps set the image tower's MLP
+    activation ("quick_gelu" | "gelu") and LayerNorm eps; None keeps what the weights need.
+    """
+    from .models import check_normalize, check_tower_settings, configure_image_tower, image_mean_std, load_clip
     from .templates import resolve_templates
     from .text import build_text_classifier, parse_class_names
 
-    parse_class_names(class_names)  # fail on a bad vocabulary before loading weights
+    parse_class_names(class_names)  # fail on bad settings before loading weights
     template_list = resolve_templates(templates)
+    check_normalize(normalize)
+    check_tower_settings(act, ln_eps)
     clip, identity = load_clip(model, pretrained, device)
+    configure_image_tower(clip.visual, act, ln_eps)
     backbone = build_dense_backbone(clip.visual)
     classifier, display = build_text_classifier(
         clip, model, identity, class_names, template_list, background=background, cache_dir=cache_dir
     )
-    mean, std = image_mean_std(clip)
+    mean, std = image_mean_std(clip, normalize)
     gen = MaskCLIPGenerator(
-        backbone, classifier, display, mean, std,
-        logit_scale=logit_scale, mode=mode, short_side=short_side, window=window, stride=stride,
+        backbone, classifier, display, mean, std, model=clip, logit_scale=logit_scale, mode=mode,
+        short_side=short_side, img_scale=img_scale, window=window, stride=stride,
     )
     gen.identity = identity  # which weights: saved results made with other weights are not reused
     return gen.to(device).eval()

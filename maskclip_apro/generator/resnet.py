@@ -1,10 +1,14 @@
-"""MaskCLIP dense features from an open_clip ModifiedResNet (design section 2).
+"""MaskCLIP dense features and keys from an open_clip ModifiedResNet.
 
-The attention pool is replaced by its value and output projections applied at every spatial
-position (two 1x1 convolutions built from the pool's v_proj and c_proj weights):
-    f = c_proj(v_proj(x)) per position.
-The pool's positional embedding is ignored, as in MaskCLIP's official head (it would have to
-be added before v_proj and interpolated to the grid; MaskCLIP does neither).
+The attention pool is replaced by its projections applied at every spatial position of the
+trunk output x (1x1 convolutions built from the pool's weights), as MaskCLIP's official head
+does (chongzhou96/MaskCLIP, mmseg/models/decode_heads/maskclip_head.py, ResNet branch):
+    f = c_proj(v_proj(x))        dense features
+    k = k_proj(x)                keys for key smoothing (no c_proj: the official head leaves them
+                                 in the trunk's width, e.g. 2048 for RN50)
+The pool's positional embedding is not used (it would have to be interpolated to the grid;
+MaskCLIP does neither). The trunk runs on any input size: its stride-2 stages floor odd sizes,
+exactly as the official ResNetClip backbone does (AvgPool2d(2) in both).
 
 Exact relation with the pooled output: if every token entering the pool is the same vector t
 (e.g. a map whose positions all equal x with a zero positional embedding), every value is
@@ -22,28 +26,42 @@ from torch import nn
 RESNET_STRIDE = 32
 
 
+def pointwise(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear layer applied at every position of a (B, C, h, w) map (a 1x1 convolution)."""
+    return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
+
+
 def attnpool_dense(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
-    """(B, E, h, w) trunk features -> (B, D, h, w): c_proj(v_proj(x)) as two 1x1 convolutions."""
-    v = F.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
-    return F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    """(B, E, h, w) trunk features -> (B, D, h, w): c_proj(v_proj(x)) per position."""
+    return pointwise(pool.c_proj, pointwise(pool.v_proj, x))
 
 
 class ResNetDense(nn.Module):
-    """(B, 3, H, W) normalised image -> features (B, D, H/32, W/32) (not normalised), keys None."""
-
-    provides_keys = False
+    """(B, 3, H, W) normalised image -> features (B, D, h, w) (not normalised), keys (B, E, h, w)."""
 
     def __init__(self, visual: ModifiedResNet) -> None:
         super().__init__()
         if not isinstance(getattr(visual, "attnpool", None), AttentionPool2d):
-            raise ValueError("the ResNet tower has no open_clip AttentionPool2d to take v_proj/c_proj from")
+            raise ValueError("the ResNet tower has no open_clip AttentionPool2d to take its projections from")
         self.visual = visual
         self.patch_size = RESNET_STRIDE
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) output grid for height x width pixels: ceil(n / 2) in the stem, then four floor halvings."""
+        def size(n: int) -> int:
+            n = (n + 1) // 2  # stride-2 3x3 convolution with padding 1
+            for _ in range(4):  # stem pool and the three strided stages
+                n //= 2
+            return n
+
+        return size(height), size(width)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual
         x = v.stem(x)
         return v.layer4(v.layer3(v.layer2(v.layer1(x))))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return attnpool_dense(self.visual.attnpool, self.trunk(x)), None
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.trunk(x)
+        pool = self.visual.attnpool
+        return attnpool_dense(pool, x), pointwise(pool.k_proj, x)

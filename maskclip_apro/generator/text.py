@@ -124,6 +124,16 @@ def name_embeddings(clip: nn.Module, tokenizer: Any, names: Sequence[str], templ
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
+def text_width(clip: nn.Module) -> Optional[int]:
+    """The width D of the model's text embeddings (None when the model does not say)."""
+    proj = getattr(clip, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        return proj.out_features
+    if isinstance(proj, torch.Tensor) and proj.dim() == 2:
+        return int(proj.shape[1])
+    return None
+
+
 class TextClassifier(nn.Module):
     """Class logits from unit features: s * cos to each name, max over a class's names.
 
@@ -177,9 +187,13 @@ def build_text_classifier(
     unique = list(dict.fromkeys(names))
 
     path = cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), model, identity, templates, unique)
-    emb = load_cached(path, unique)
+    emb = load_cached(path, unique, text_width(clip))
     if emb is None:
         emb = name_embeddings(clip, open_clip.get_tokenizer(model), unique, templates).cpu()
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError(
+                f"the text tower of {model} gives NaN or inf embeddings: its weights are broken (check model.pretrained)"
+            )
         try:
             save_cached(path, emb, unique)
         except OSError as err:  # a read-only cache costs time, not correctness

@@ -1,4 +1,4 @@
-"""The refiner interface: probabilities plus guidance in, probabilities out."""
+"""The refiner interface: probabilities plus guidance in, probabilities out (docs/refiners.md)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,50 @@ from typing import Optional, Protocol
 
 import torch
 
+# The ImageNet statistics on [0, 1] RGB: the input normalisation of the official MaskCLIP and APro
+# code, and the unit of APro's zeta_g, zeta_h and zeta_s.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalize(image: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per RGB channel of a (B, 3, H, W) image in [0, 1]."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"guidance.image must be a (B, 3, H, W) RGB tensor, got {shape}")
+    dtype = image.dtype if image.is_floating_point() else torch.float32
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=image.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=image.device).view(1, 3, 1, 1)
+    return (image.to(dtype) - mean) / std
+
 
 @dataclass
 class Guidance:
     """What a refiner may look at besides the probabilities.
 
-    image: (B, 3, H, W) float in [0, 1], the (resized) input image.
-    keys: (B, C, h, w) last-block keys on the patch grid (ViT only), for key smoothing.
-    features: (B, D, h, w) dense CLIP features on the patch grid, for a second GP pass.
+    image: (B, 3, H, W) RGB in [0, 1], the input image at its own resolution (the Segmenter
+        passes the image it was given, not the generator's resized copy); PAMR reads it.
+    keys: (B, C, h, w) last-block keys on the probabilities' patch grid, for key smoothing.
+    features: (B, D, h, w) dense CLIP features on the patch grid, for GP's second pass "features".
+    normalized: (B, 3, H, W) the same image ImageNet-normalised, (image - mean) / std; APro reads
+        it (its zetas are in these units). Derived from `image` when not given.
     """
 
     image: torch.Tensor
     keys: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
+    normalized: Optional[torch.Tensor] = None
+
+    def normalized_image(self) -> torch.Tensor:
+        """The ImageNet-normalised image: `normalized` when given, else computed from `image` once."""
+        if self.normalized is None:
+            self.normalized = imagenet_normalize(self.image)
+        elif not isinstance(self.normalized, torch.Tensor) or tuple(self.normalized.shape) != tuple(self.image.shape):
+            shape = tuple(self.normalized.shape) if isinstance(self.normalized, torch.Tensor) else self.normalized
+            raise ValueError(
+                f"guidance.normalized {shape} must have the shape of guidance.image {tuple(self.image.shape)}"
+            )
+        return self.normalized
 
 
 class Refiner(Protocol):

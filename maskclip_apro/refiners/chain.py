@@ -1,4 +1,9 @@
-"""Refiner chains built from step names, so configs and the compare table name methods as data."""
+"""Refiner chains built from step names, so configs and the compare table name methods as data.
+
+`params` is the composed `cfg.refine` (conf/_refine_params.yaml plus the preset's changes), or
+any mapping of refiner family (ks, pd, apro, pamr) to keyword arguments. docs/refiners.md
+defines every refiner.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from .base import Guidance, Refiner
 
-APRO_STEPS = {"apro": "parallel", "gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}
-STEPS = ("ks", "pd", "pamr", *APRO_STEPS)
+# Steps with a fixed APro combination (step -> APro mode); the step "apro" runs refine.apro.mode.
+APRO_MODES = {"gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp", "gp_lp_parallel": "parallel"}
+STEPS = ("ks", "pd", "pamr", "apro", *APRO_MODES)
 
 
 def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner:
-    """One refiner from its step name; `params` maps a refiner family (ks, pd, apro, pamr) to kwargs."""
+    """One refiner from its step name; `params` maps a refiner family (ks, pd, apro, pamr) to kwargs.
+
+    Other keys of `params` (e.g. `steps`) are ignored, so the whole `cfg.refine` can be passed.
+    """
     params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else (params or {})
     if step == "ks":
         from .ks import KeySmoothing
@@ -32,10 +41,16 @@ def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner
         if "dilations" in kwargs:
             kwargs["dilations"] = tuple(kwargs["dilations"])
         return PAMR(**kwargs)
-    if step in APRO_STEPS:
+    if step == "apro" or step in APRO_MODES:
         from .apro import APro
 
-        return APro(mode=APRO_STEPS[step], **dict(params.get("apro", {})))
+        kwargs = dict(params.get("apro", {}))
+        if step != "apro":
+            kwargs["mode"] = APRO_MODES[step]
+        refiner = APro(**kwargs)
+        if step == "apro":
+            refiner.name = "apro"  # timed and named as the step, whichever combination it runs
+        return refiner
     raise ValueError(f"unknown refiner step {step!r}; choose from {STEPS}")
 
 

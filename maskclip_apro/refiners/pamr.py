@@ -1,4 +1,4 @@
-"""PAMR, pixel-adaptive mask refinement (Araslanov & Roth 2020), the peer refiner of design 3.5.
+"""PAMR, pixel-adaptive mask refinement (Araslanov & Roth 2020), the peer refiner (docs/refiners.md).
 
 As in the original and in NACLIP/SCLIP: for each dilation d, the 8 neighbours at offsets
 d * (dy, dx), dy, dx in {-1, 0, 1} (replicate padding at the borders). Per colour channel c,
@@ -7,6 +7,11 @@ the affinity of pixel i to neighbour j is -|I_ic - I_jc| / (eps + 0.1 * sigma_ic
 once per dilation); it is averaged over colour channels and soft-maxed over all 8 * len(dilations)
 neighbours. Each iteration replaces P_i by sum_j a_ij P_j, a convex combination, so
 probabilities keep summing to one.
+
+Image: PAMR reads the raw image, `Guidance.image` in [0, 1]. NACLIP and SCLIP feed it their
+CLIP-normalised input; dividing colour differences by the local standard deviation makes the
+affinity invariant to any per-channel affine normalisation (up to eps = 1e-8), so the result is
+the same.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""Prompt denoising (MaskCLIP, design 3.1): drop classes that are nowhere confident.
+"""Prompt denoising as MaskCLIP's official head does it (docs/refiners.md).
 
-A class whose image-wide maximum probability is below `thresh` is removed: its probability is
-zeroed and the others renormalised per position, which gives the same argmax as setting its
-logits to -inf. The class with the largest image-wide maximum is always kept (so at least one
-class survives when all fall below), and so are the indices in `keep` (e.g. a background
-class whose probability is a constant, as with the generator's threshold background). Where
-the kept classes carry no mass at all (underflowed softmax), the position becomes uniform
-over the kept classes.
+Official rule, on cosine scores c: with P = softmax(100 c), every class whose image-wide maximum
+probability is below `thresh` gets c = -100. On probabilities this is exact: the dropped classes'
+probability becomes 0 (softmax(100 c) with c = -100 underflows to 0 in float32 and float64) and
+the kept ones are renormalised per position. When every class falls below the threshold every
+score is -100, so the official softmax is uniform and the argmax falls to class 0; here too every
+class becomes 1/K. There is no "keep the best class" exception.
+
+`keep` lists classes that are never dropped. It exists for the generator's threshold background
+(class 0 has the constant probability t / (1 + t), below 0.5 for t <= 1, so PD would always drop
+it); the official head has no such rule and leaves `keep` empty.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ from .base import Guidance
 
 
 class PromptDenoising:
-    """P (B, K, h, w) -> P with the image-wide unconfident classes removed, per image."""
+    """P (B, K, h, w) -> P with the classes that are nowhere confident removed, per image."""
 
     name = "pd"
 
     def __init__(self, thresh: float = 0.5, keep: Sequence[int] = ()) -> None:
         if isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0 <= thresh <= 1:
-            raise ValueError(f"thresh must be a number in [0, 1], got {thresh!r}")
+            raise ValueError(f"pd thresh must be a number in [0, 1], got {thresh!r}")
+        keep = list(keep)
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in keep):
-            raise ValueError(f"keep must be a list of class indices >= 0, got {list(keep)!r}")
+            raise ValueError(f"pd keep must be a list of class indices >= 0, got {keep!r}")
         self.thresh = float(thresh)
         self.keep = tuple(keep)
 
@@ -36,13 +40,15 @@ class PromptDenoising:
         check_map("probs", probs)
         b, k = probs.shape[:2]
         if any(i >= k for i in self.keep):
-            raise ValueError(f"keep {list(self.keep)} has indices outside the {k} classes of probs")
-        peak = probs.reshape(b, k, -1).amax(dim=2)  # (B, K)
-        kept = peak >= self.thresh
-        kept[torch.arange(b, device=probs.device), peak.argmax(dim=1)] = True
+            raise ValueError(f"pd keep {list(self.keep)} has indices outside the {k} classes of probs")
+        kept = probs.reshape(b, k, -1).amax(dim=2) >= self.thresh  # (B, K)
         kept[:, list(self.keep)] = True
+        none_kept = ~kept.any(dim=1)
+        kept[none_kept] = True  # every class dropped: every score -100, a uniform softmax (below)
         mask = kept[:, :, None, None].to(probs.dtype)
-        masked = probs * mask
+        masked = torch.where(none_kept[:, None, None, None], torch.ones_like(probs), probs * mask)
         mass = masked.sum(dim=1, keepdim=True)
+        # A position where every kept class underflowed to 0 has lost its ranking; it becomes
+        # uniform over the kept classes (the official scores would still rank them).
         uniform = mask / mask.sum(dim=1, keepdim=True)
         return torch.where(mass > 0, masked / mass.clamp_min(torch.finfo(probs.dtype).tiny), uniform)

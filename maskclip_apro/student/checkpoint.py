@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -71,6 +71,7 @@ def model_metadata(model: nn.Module) -> Dict[str, str]:
     return {
         "format": "maskclip_apro.deeplabv2",
         "backbone": str(getattr(model, "backbone_name", type(model).__name__)),
+        "head": str(getattr(model, "head_name", "")),
         "num_classes": str(getattr(model, "num_classes", "")),
     }
 
@@ -80,21 +81,45 @@ def save_model(model: nn.Module, path: Path) -> None:
     atomic_save_tensors(model.state_dict(), Path(path), metadata=model_metadata(model))
 
 
-def load_model(model: nn.Module, path: Path) -> None:
-    """Load student weights; a file of another architecture raises ValueError naming the keys."""
-    from .deeplabv2 import describe_mismatch
+def describe_mismatch(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str], limit: int = 8) -> str:
+    """A short human-readable list of mismatched state-dict keys."""
 
-    state = read_state_dict(str(path))
-    own = model.state_dict()
+    def few(keys: Sequence[str]) -> str:
+        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatch: {few(shapes)}")
+    return "; ".join(parts)
+
+
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """None when `state` has exactly the keys and shapes of `own`, else a description of the difference."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in set(own) & set(state) if own[k].shape != state[k].shape
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
     )
     if missing or unexpected or shapes:
+        return describe_mismatch(missing, unexpected, shapes)
+    return None
+
+
+def load_model(model: nn.Module, path: Path) -> None:
+    """Load student weights; a file of another architecture raises ValueError naming the keys."""
+    state = read_state_dict(str(path))
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem is not None:
         raise ValueError(
             f"checkpoint {path} does not match the student architecture ({_describe(_file_metadata(path))} in the "
-            f"file, {_describe(model_metadata(model))} expected): " + describe_mismatch(missing, unexpected, shapes)
+            f"file, {_describe(model_metadata(model))} expected): {problem}"
         )
     model.load_state_dict(state)
 
@@ -109,7 +134,8 @@ def _file_metadata(path: Path) -> Dict[str, str]:
 def _describe(meta: Mapping[str, str]) -> str:
     if "backbone" not in meta:
         return "unknown architecture"
-    return f"{meta['backbone']} with {meta.get('num_classes', '?')} classes"
+    head = f", {meta['head']} head" if meta.get("head") else ""
+    return f"{meta['backbone']}{head} with {meta.get('num_classes', '?')} classes"
 
 
 def _split_optimizer(opt_state: Mapping[str, Any]) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -41,7 +41,14 @@ def read_pseudo_label(folder: Path, name: str, num_classes: int, size: tuple[int
 
 
 class TrainCrops(Dataset):
-    """Item p: the augmented crop at global position p (image, valid mask, offline label if any)."""
+    """Item p: the augmented crop at global position p.
+
+    Keys: image (3, c, c) in [0, 1], valid (c, c) (False on padding), position, and label (c, c)
+    when there is one: with `offline_dir` the hard pseudo label, else, with `ignore_gt_void`, a
+    mask label (0 = train here, 255 = the ground truth is void) - the official anno-free pipeline's
+    ground truth with every class suppressed. With ignore_gt_void, pixels the ground truth marks
+    255 are 255 in the label either way.
+    """
 
     def __init__(
         self,
@@ -50,6 +57,7 @@ class TrainCrops(Dataset):
         seed: int,
         offline_dir: Optional[str] = None,
         num_classes: Optional[int] = None,
+        ignore_gt_void: bool = False,
     ):
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty")
@@ -60,6 +68,7 @@ class TrainCrops(Dataset):
         if self.offline_dir is not None and not self.offline_dir.is_dir():
             raise FileNotFoundError(f"target.offline_dir {str(self.offline_dir)!r} is not a folder")
         self.num_classes = num_classes
+        self.ignore_gt_void = bool(ignore_gt_void)
         self._perm: tuple[int, Optional[torch.Tensor]] = (-1, None)
 
     def index(self, position: int) -> int:
@@ -74,15 +83,27 @@ class TrainCrops(Dataset):
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, position: int) -> Dict[str, torch.Tensor]:
-        sample = self.dataset[self.index(position)]
+    def label_of(self, sample: Any) -> Optional[np.ndarray]:
+        """The map augmented with the image (see the class docstring), or None."""
         label = None
         if self.offline_dir is not None:
             label = read_pseudo_label(self.offline_dir, sample.name, self.num_classes, sample.image.shape[:2])
-        image, label_crop, valid = augment(sample.image, label, self.params, rng_for(self.seed, position))
-        item = {"image": image, "valid": valid, "position": torch.tensor(position)}
-        if label_crop is not None:
-            item["label"] = label_crop
+        if self.ignore_gt_void:
+            if sample.label is None:
+                raise ValueError(
+                    f"target.ignore_gt_void is on but training sample {sample.name!r} has no ground truth; "
+                    "set target.ignore_gt_void=false"
+                )
+            void = np.asarray(sample.label) == IGNORE
+            label = np.where(void, IGNORE, 0 if label is None else label).astype(np.uint8)
+        return label
+
+    def __getitem__(self, position: int) -> Dict[str, torch.Tensor]:
+        sample = self.dataset[self.index(position)]
+        crop = augment(sample.image, self.label_of(sample), self.params, rng_for(self.seed, position))
+        item = {"image": crop.image, "valid": crop.valid, "position": torch.tensor(position)}
+        if crop.label is not None:
+            item["label"] = crop.label
         return item
 
 

@@ -1,4 +1,4 @@
-"""Student losses: cross-entropy on hard pseudo labels plus APro's L1 terms on soft targets.
+"""Student losses: cross-entropy on hard pseudo labels plus APro's weighted L1 terms on soft targets.
 
 Both terms are returned as SUMS over pixels; the trainer divides by pixel counts taken over the
 whole global batch (all processes, all micro-batches), so that a step's gradient is the same
@@ -18,32 +18,41 @@ IGNORE = 255
 
 @dataclass
 class LossSums:
-    """ce: summed cross-entropy over labelled pixels; l1: summed L1 over valid pixels and targets."""
+    """ce: summed cross-entropy over labelled pixels; l1: weighted summed L1 over masked pixels and targets."""
 
     ce: torch.Tensor
     l1: torch.Tensor
 
 
-def l1_sum(probs: torch.Tensor, targets: Sequence[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-    """Σ_targets Σ_valid pixels Σ_k |p_k − y_k| for probabilities (B, K, H, W) and valid (B, H, W)."""
+def l1_sum(
+    probs: torch.Tensor, targets: Sequence[torch.Tensor], weights: Sequence[float], mask: torch.Tensor
+) -> torch.Tensor:
+    """Σ_t w_t Σ_masked pixels Σ_k |p_k − y_t,k| for probabilities (B, K, H, W) and mask (B, H, W)."""
+    if len(weights) != len(targets):
+        raise ValueError(f"{len(targets)} soft targets but {len(weights)} weights")
     total = probs.new_zeros(())
-    for y in targets:
+    for y, w in zip(targets, weights):
         if y.shape != probs.shape:
             raise ValueError(f"soft target shape {tuple(y.shape)} does not match student output {tuple(probs.shape)}")
-        total = total + ((probs - y).abs().sum(dim=1) * valid).sum()
+        total = total + float(w) * ((probs - y).abs().sum(dim=1) * mask).sum()
     return total
 
 
 def loss_sums(
-    logits: torch.Tensor, hard: torch.Tensor, soft: Sequence[torch.Tensor], valid: torch.Tensor
+    logits: torch.Tensor,
+    hard: torch.Tensor,
+    soft: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    mask: torch.Tensor,
 ) -> LossSums:
-    """Summed CE (ignore 255) of logits (B, K, H, W) vs hard (B, H, W) and summed L1 of softmax vs soft."""
+    """Summed CE (ignore 255) of logits (B, K, H, W) vs hard (B, H, W), and the weighted summed L1 of
+    their softmax vs the soft targets over the masked pixels."""
     logits = logits.float()
     ce = F.cross_entropy(logits, hard, ignore_index=IGNORE, reduction="sum")
-    l1 = l1_sum(torch.softmax(logits, dim=1), soft, valid.to(logits.dtype)) if soft else logits.new_zeros(())
+    l1 = l1_sum(torch.softmax(logits, dim=1), soft, weights, mask.to(logits.dtype)) if soft else logits.new_zeros(())
     return LossSums(ce=ce, l1=l1)
 
 
-def combine(sums: LossSums, num_labelled: float, num_valid: float, ce_weight: float, l1_weight: float) -> torch.Tensor:
-    """ce_weight · CE mean + l1_weight · L1 mean, means over the given (global) pixel counts."""
-    return ce_weight * sums.ce / max(num_labelled, 1.0) + l1_weight * sums.l1 / max(num_valid, 1.0)
+def combine(sums: LossSums, num_labelled: float, num_masked: float, ce_weight: float) -> torch.Tensor:
+    """ce_weight · CE mean + weighted L1 mean, means over the given (global) pixel counts."""
+    return ce_weight * sums.ce / max(num_labelled, 1.0) + sums.l1 / max(num_masked, 1.0)

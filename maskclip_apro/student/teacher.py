@@ -1,78 +1,87 @@
-"""Online pseudo labels from the frozen MaskCLIP teacher, optionally refined by APro (design 3.4, 5).
+"""Online pseudo labels: the frozen MaskCLIP teacher and the refiner chain of the training-free path.
 
-On each training crop: generator -> softmax -> bilinear upsampling to the crop -> APro targets.
-Modes (seed Table 7): "none" (plain MaskCLIP+: hard labels only), "gp_lp_parallel" (GP and LP
-targets side by side, hard label = argmax of their mean), "lp_gp" = GP(LP(P)), "gp_lp" = LP(GP(P)).
-Padded crop pixels (outside the image) never reach the teacher: padded crops are labelled on
-their valid rectangle alone and get ignore (255) / zero targets outside it.
+On each training crop: generator -> softmax -> refiner chain (the `refine` preset: KS, PD, APro,
+PAMR, ... with the same parameters as scripts/refine.py) -> hard label = argmax of the chain's
+output, bilinearly upsampled to the crop. When the chain holds an APro step, that step's separate
+maps (seed Table 7: GP and LP side by side for "apro", one map for a cascade) are also returned as
+soft targets for the L1 loss, each with the weight of the propagation it ends with (GP or LP).
+Padded crop pixels never reach the teacher: a padded crop is labelled on its valid rectangle
+alone and gets ignore (255) / zero targets outside it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..refiners import Chain
 from ..refiners.apro import APro
-from ..refiners.base import Guidance
+from ..segmenter import Segmenter, labels_at
 
-TARGET_MODES = ("none", "gp_lp_parallel", "lp_gp", "gp_lp")
-APRO_MODES = {"gp_lp_parallel": "parallel", "lp_gp": "lp_gp", "gp_lp": "gp_lp"}
 IGNORE = 255
+# The propagation each APro mode's maps end with ("parallel" returns [GP, LP]).
+LAST_PROPAGATION = {"parallel": ("gp", "lp"), "gp": ("gp",), "lp": ("lp",), "lp_gp": ("gp",), "gp_lp": ("lp",)}
 
 
 @dataclass
 class Targets:
-    """hard (B, H, W) int64 with 255 = ignore; soft: refined probability maps (B, K, H, W)."""
+    """hard (B, H, W) int64 with 255 = ignore; soft: refined probability maps (B, K, H, W) with
+    their L1 weights."""
 
     hard: torch.Tensor
     soft: List[torch.Tensor] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)
 
 
 class Teacher:
-    """Frozen generator + APro; call with crops (B, 3, H, W) in [0, 1] and a valid mask (B, H, W)."""
+    """Frozen generator + refiner chain; call with crops (B, 3, H, W) in [0, 1] and a valid mask (B, H, W).
+
+    gp_weight / lp_weight: L1 weights of GP- and LP-refined soft targets (APro's official heads:
+    2 and 1, CircleRadon/APro mmdet/models/dense_heads/box_solov2_head.py).
+    """
 
     def __init__(
         self,
         generator: Callable[[torch.Tensor], Any],
-        mode: str = "none",
-        apro: Mapping[str, Any] | None = None,
-        num_classes: int | None = None,
+        chain: Optional[Chain] = None,
+        num_classes: Optional[int] = None,
+        gp_weight: float = 2.0,
+        lp_weight: float = 1.0,
     ):
-        """apro: keyword arguments of refiners.apro.APro (zeta_g, zeta_s, kernel_size, iters, backend)."""
-        if mode not in TARGET_MODES:
-            raise ValueError(f"target.mode must be one of {TARGET_MODES}, got {mode!r}")
         self.generator = generator
-        self.mode = mode
-        self.refiner = None
-        if mode in APRO_MODES:
-            self.refiner = APro(mode=APRO_MODES[mode], guide_long_side=None, **dict(apro or {}))
+        self.chain = chain or Chain([])
+        apro = [i for i, r in enumerate(self.chain.refiners) if isinstance(r, APro)]
+        if len(apro) > 1:
+            raise ValueError(f"the teacher's refiner chain {self.chain.name!r} holds {len(apro)} APro steps; use at most one")
+        self.apro_index = apro[0] if apro else None
+        self.weights: List[float] = []
+        if self.apro_index is not None:
+            by_name = {"gp": float(gp_weight), "lp": float(lp_weight)}
+            self.weights = [by_name[p] for p in LAST_PROPAGATION[self.chain.refiners[self.apro_index].mode]]
         self.num_classes = num_classes
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Teacher softmax upsampled to the crop size, (B, K, H, W)."""
-        logits = self.generator(images).logits.float()
-        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+    def _label(self, images: torch.Tensor) -> Targets:
+        out = self.generator(images)
+        if self.num_classes is not None and out.logits.shape[1] != self.num_classes:
             raise ValueError(
-                f"the teacher scores {logits.shape[1]} classes but the dataset has {self.num_classes}; "
+                f"the teacher scores {out.logits.shape[1]} classes but the dataset has {self.num_classes}; "
                 "check the vocabulary / background settings"
             )
-        probs = torch.softmax(logits, dim=1)
-        return F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)
-
-    def refine(self, probs: torch.Tensor, images: torch.Tensor) -> List[torch.Tensor]:
-        """The soft targets of the configured mode at the crop resolution (empty for "none")."""
-        if self.refiner is None:
-            return []
-        return self.refiner.targets(probs, Guidance(image=images))
-
-    def _label(self, images: torch.Tensor) -> Targets:
-        probs = self.probabilities(images)
-        soft = self.refine(probs, images)
-        mean = probs if not soft else sum(soft) / len(soft)
-        return Targets(hard=mean.argmax(dim=1), soft=soft)
+        probs, guidance = Segmenter.probabilities(out, images)
+        soft: List[torch.Tensor] = []
+        for i, refiner in enumerate(self.chain.refiners):
+            if i == self.apro_index:
+                soft = refiner.targets(probs, guidance)
+                probs = soft[0] if len(soft) == 1 else sum(soft) / len(soft)
+            else:
+                probs = refiner(probs, guidance)
+        size = tuple(images.shape[-2:])
+        soft = [m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in soft]
+        return Targets(hard=labels_at(probs, size), soft=soft, weights=list(self.weights) if soft else [])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, valid: torch.Tensor) -> Targets:
@@ -82,6 +91,7 @@ class Teacher:
             return self._label(images)
         hard = torch.full((b, h, w), IGNORE, dtype=torch.long, device=images.device)
         soft: List[torch.Tensor] = []
+        weights: List[float] = []
         groups = [(full.nonzero().flatten().tolist(), None)] + [([i], i) for i in (~full).nonzero().flatten().tolist()]
         for idx, single in groups:
             if not idx:
@@ -97,7 +107,8 @@ class Teacher:
             hard[idx, ys, xs] = part.hard
             if not soft:
                 soft = [torch.zeros(b, t.shape[1], h, w, device=images.device) for t in part.soft]
+                weights = part.weights
             for dst, src in zip(soft, part.soft):
                 dst[idx, :, ys, xs] = src
         hard[~valid] = IGNORE
-        return Targets(hard=hard, soft=soft)
+        return Targets(hard=hard, soft=soft, weights=weights)

@@ -3,23 +3,25 @@
 One step = one global batch of `batch_size` crops split over W processes (torchrun/DDP) and
 `accum` micro-batches. Loss means use pixel counts of the whole global batch (summed over
 processes), and the per-process loss is scaled by W to undo DDP's gradient averaging, so a step
-is the same for any W. Data order and augmentation derive from (seed, position) (see data.py);
-with the checkpointed model/optimizer/scheduler/scaler state a resumed run repeats the loss
-sequence of an uninterrupted one.
+is the same for any W (with frozen BatchNorm; trainable BatchNorm sees each process's
+micro-batch unless it is synchronised). Data order and augmentation derive from (seed, position)
+(see data.py); with the checkpointed model/optimizer/scheduler/scaler state a resumed run repeats
+the loss sequence of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -27,32 +29,58 @@ from tqdm import tqdm
 from ..data import build_dataset
 from ..evaluation import ConfusionMatrix
 from .augment import AugmentParams
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import LATEST, STATE_JSON, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .data import StepBatches, TrainCrops
-from .deeplabv2 import DeepLabV2
+from .deeplabv2 import IMAGENET_MEAN, DeepLabV2, sync_batchnorm
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .inference import predict
 from .losses import combine, loss_sums
-from .teacher import TARGET_MODES, Targets, Teacher
+from .teacher import Targets, Teacher
 
-# Paper schedule (MaskCLIP+): 2k / 4k / 8k iterations for VOC / Pascal Context / COCO-Stuff.
-DEFAULT_ITERS = {"voc": 2000, "context": 4000, "cocostuff": 8000}
 OPTIMIZERS = ("sgd", "adamw")
 CSV_FIELDS = ("step", "loss", "loss_ce", "loss_l1", "lr", "it_per_s", "mIoU", "aAcc")
 # Config keys that must not change when resuming (they change the loss sequence).
-RESUME_KEYS = ("seed", "batch_size", "crop", "accum", "iters", "dataset", "student", "target", "augment", "optim")
+RESUME_KEYS = ("seed", "batch_size", "crop", "accum", "iters", "train_split", "dataset", "student", "target",
+               "refine", "augment", "optim")
 
 
-def default_iters(dataset_name: str) -> int:
-    """Paper iterations for a dataset name (voc*, context*, cocostuff*); others need iters=."""
-    for prefix, iters in DEFAULT_ITERS.items():
-        if dataset_name.startswith(prefix):
-            return iters
-    raise ValueError(f"iters is not set and dataset {dataset_name!r} has no paper default; pass iters=N")
+def per_dataset(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    """cfg[key], or when it is null the recipe's per_dataset entry for the dataset's family (the
+    longest name prefix that matches), or `default`; ValueError when none applies."""
+    value = cfg.get(key)
+    if value is not None:
+        return value
+    name = str(cfg.dataset.name)
+    table = cfg.get("per_dataset") or {}
+    families = sorted((f for f in table if name.startswith(str(f))), key=len, reverse=True)
+    for family in families:
+        if table[family].get(key) is not None:
+            return table[family][key]
+    if default is not None:
+        return default
+    raise ValueError(
+        f"{key} is not set and the recipe's per_dataset table has no {key} for dataset {name!r} "
+        f"(families: {sorted(table)}); pass {key}=..."
+    )
 
 
-def poly_lambda(iters: int, power: float) -> Callable[[int], float]:
-    """lr factor (1 − step / iters)^power."""
-    return lambda step: max(0.0, 1.0 - step / iters) ** power
+def resolve_recipe(cfg: DictConfig) -> DictConfig:
+    """A copy of cfg with iters, crop and train_split filled in from the recipe's per_dataset table."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.iters = int(per_dataset(cfg, "iters"))
+        cfg.crop = int(per_dataset(cfg, "crop"))
+        cfg.train_split = str(per_dataset(cfg, "train_split", default="train"))
+    if cfg.iters < 1:
+        raise ValueError(f"iters must be >= 1, got {cfg.iters}")
+    return cfg
+
+
+def poly_lambda(iters: int, power: float, lr: float, min_lr: float = 0.0) -> Callable[[int], float]:
+    """lr factor of mmcv's poly policy: lr(step) = (lr − min_lr)·(1 − step / iters)^power + min_lr."""
+    if lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {lr}")
+    return lambda step: ((lr - min_lr) * max(0.0, 1.0 - step / iters) ** power + min_lr) / lr
 
 
 def build_optimizer(params, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -64,13 +92,53 @@ def build_optimizer(params, cfg: DictConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def _shared_output_dir(path: str, info: DistInfo) -> str:
-    """Rank 0's output folder on every rank (a ${now:} folder name may differ between processes)."""
+def resume_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The values of RESUME_KEYS, resolved (what a checkpoint records and a resume compares)."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    return json.loads(json.dumps({k: full.get(k) for k in RESUME_KEYS}, default=str))
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """RESUME_KEYS whose values differ between a checkpoint's config and the current one."""
+    return sorted(k for k in RESUME_KEYS if k in saved and json.dumps(saved[k], sort_keys=True)
+                  != json.dumps(current.get(k), sort_keys=True))
+
+
+def saved_config(run: Path) -> Dict[str, Any]:
+    """The config recorded by the newest checkpoint of a run folder ({} when unreadable)."""
+    try:
+        folder = latest_checkpoint(Path(run) / "checkpoints")
+        if folder is None:
+            return {}
+        return json.loads((folder / STATE_JSON).read_text()).get("extra", {}).get("config", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def find_latest_run(root: Path, current: Dict[str, Any]) -> Tuple[Optional[Path], str]:
+    """The run folder under `root` with the most recent checkpoint whose config equals `current`,
+    and a line saying what was found."""
+    root = Path(root)
+    runs = [p for p in root.iterdir() if (p / "checkpoints" / LATEST).is_file()] if root.is_dir() else []
+    runs.sort(key=lambda p: (p / "checkpoints" / LATEST).stat().st_mtime, reverse=True)
+    for run in runs:
+        saved = saved_config(run)
+        if saved and not config_differences(saved, current):
+            return run, f"resume=latest: newest run of this config under {root} is {run}"
+    if runs:
+        diff = config_differences(saved_config(runs[0]), current)
+        return None, (f"resume=latest: none of the {len(runs)} runs under {root} has this config "
+                      f"(the newest, {runs[0]}, differs in {diff}); starting a new run")
+    return None, f"resume=latest: no run with checkpoints under {root}; starting a new run"
+
+
+def _broadcast(value: Any, info: DistInfo) -> Any:
+    """Rank 0's value on every rank (e.g. a ${now:} folder name that may differ between processes)."""
     if not info.enabled:
-        return path
+        return value
     import torch.distributed as dist
 
-    box = [path]
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -98,20 +166,21 @@ class CsvLog:
 class Trainer:
     """Build everything from a composed conf/train.yaml config; `run()` trains.
 
-    generator: a ready teacher generator (tests); by default it is built from cfg.model.
+    generator: a ready teacher generator (tests); by default it is built from the config
+    (maskclip_apro.config.build_generator_from_config). The text head takes its classifier rows
+    from the generator's text classifier.
     """
 
     def __init__(self, cfg: DictConfig, generator: Optional[Callable] = None, info: Optional[DistInfo] = None):
-        self.cfg = cfg
         self.info = info or init_distributed(str(cfg.device))
         self.device = self.info.device
-        self.out = Path(_shared_output_dir(str(cfg.output_dir), self.info))
-        self.iters = int(cfg.iters) if cfg.get("iters") is not None else default_iters(str(cfg.dataset.name))
-        if self.iters < 1:
-            raise ValueError(f"iters must be >= 1, got {self.iters}")
+        self.cfg = cfg = resolve_recipe(cfg)
+        self.iters = int(cfg.iters)
         self.accum = int(cfg.accum)
         self.global_batch = int(cfg.batch_size)
         StepBatches(0, 0, self.global_batch, 0, self.info.world_size, self.accum)  # validates the split
+        if cfg.resume not in (False, True, "latest"):
+            raise ValueError(f"resume must be false, true or latest, got {cfg.resume!r}")
         spec = OmegaConf.to_container(cfg.dataset, resolve=True)
         self.train_set = build_dataset(**{**spec, "split": cfg.train_split})
         self.num_classes = int(self.train_set.num_classes)
@@ -122,12 +191,12 @@ class Trainer:
                 raise ValueError(
                     f"val split {cfg.val_split!r} of dataset {cfg.dataset.name!r} has no labels; set eval.interval=0"
                 )
-        self.mode = str(cfg.target.mode)
-        if self.mode not in (*TARGET_MODES, "offline"):
-            raise ValueError(f"target.mode must be one of {(*TARGET_MODES, 'offline')}, got {self.mode!r}")
-        if self.mode == "offline" and not cfg.target.get("offline_dir"):
-            raise ValueError("target.mode=offline needs target.offline_dir (a folder of <name>.png pseudo labels)")
-        self.teacher = None if self.mode == "offline" else self._build_teacher(generator)
+        self.ignore_gt_void = self._resolve_ignore_gt_void()
+        self.offline = bool(cfg.target.get("offline_dir"))
+        head = str(cfg.student.get("head", "aspp"))
+        if not self.offline or head == "text":
+            generator = generator if generator is not None else self._build_generator()
+        self.teacher = None if self.offline else self._build_teacher(generator)
 
         torch.manual_seed(int(cfg.seed))  # the student's random initialisation
         s = cfg.student
@@ -138,17 +207,19 @@ class Trainer:
             dilations=tuple(s.dilations),
             bn=str(s.bn),
             backbone_kwargs=OmegaConf.to_container(s.backbone_kwargs, resolve=True) if s.get("backbone_kwargs") else None,
+            head=head,
+            channels=s.get("channels"),
+            text=getattr(generator, "classifier", None) if head == "text" else None,
         )
-        if s.bn == "sync" and self.info.enabled:
-            if self.device.type != "cuda":
-                raise ValueError("student.bn=sync needs CUDA (SyncBatchNorm is GPU-only); use student.bn=frozen or train")
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model.to(self.device)
+        self.model = sync_batchnorm(self.model, self.info.world_size, self.device).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lambda(self.iters, float(cfg.optim.poly_power)))
+        o = cfg.optim
+        lam = poly_lambda(self.iters, float(o.poly_power), float(o.lr), float(o.get("min_lr") or 0.0))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
         self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0
+        self.out = Path(_broadcast(str(self._output_dir()), self.info))
         resumed = self._maybe_resume() if cfg.resume else None
         self.ddp = None
         if self.info.enabled:
@@ -159,22 +230,41 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.csv = CsvLog(self.out / "metrics.csv", resumed)
 
-    def _build_teacher(self, generator: Optional[Callable]) -> Teacher:
-        if generator is None:
-            from ..config import generator_kwargs
-            from ..generator import build_generator
+    def _resolve_ignore_gt_void(self) -> bool:
+        """target.ignore_gt_void: auto = on for a dataset without a background class whose training
+        images carry ground truth (voc20, context59, cocostuff171: its 255 pixels belong to no class)."""
+        value = self.cfg.target.get("ignore_gt_void", "auto")
+        if value == "auto":
+            return not self.train_set.has_background and self.train_set[0].label is not None
+        if not isinstance(value, bool):
+            raise ValueError(f"target.ignore_gt_void must be auto, true or false, got {value!r}")
+        return value
 
-            m = self.cfg.model
-            generator = build_generator(
-                str(m.name), m.get("pretrained"), list(self.train_set.class_names), device=str(self.device),
-                **generator_kwargs(self.cfg),
-            )
-        apro = OmegaConf.to_container(self.cfg.target.apro, resolve=True)
-        return Teacher(generator, mode=self.mode, apro=apro, num_classes=self.num_classes)
+    def _build_generator(self) -> Any:
+        from ..config import build_generator_from_config
 
-    def _resume_config(self) -> Dict[str, Any]:
-        full = OmegaConf.to_container(self.cfg, resolve=True)
-        return {k: full.get(k) for k in RESUME_KEYS}
+        cfg = copy.deepcopy(self.cfg)
+        with open_dict(cfg):
+            cfg.device = str(self.device)
+        return build_generator_from_config(cfg, list(self.train_set.class_names))
+
+    def _build_teacher(self, generator: Callable) -> Teacher:
+        from ..config import refine_steps
+        from ..refiners import Chain
+
+        t = self.cfg.target
+        chain = Chain.from_steps(refine_steps(self.cfg), self.cfg.refine)
+        return Teacher(generator, chain, num_classes=self.num_classes, gp_weight=float(t.gp_weight),
+                       lp_weight=float(t.lp_weight))
+
+    def _output_dir(self) -> Path:
+        """output_dir, or with resume=latest the newest run of the same config next to it."""
+        out = Path(str(self.cfg.output_dir))
+        if self.cfg.resume != "latest" or not self.info.is_main:
+            return out
+        run, message = find_latest_run(out.parent, resume_config(self.cfg))
+        print(message)
+        return run if run is not None else out
 
     def _maybe_resume(self) -> Optional[int]:
         folder = latest_checkpoint(self.out / "checkpoints")
@@ -183,9 +273,7 @@ class Trainer:
                 print(f"resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             return None
         meta = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.scaler)
-        saved = meta.get("extra", {}).get("config", {})
-        changed = sorted(k for k in RESUME_KEYS if k in saved and json.dumps(saved[k], sort_keys=True, default=str)
-                         != json.dumps(self._resume_config()[k], sort_keys=True, default=str))
+        changed = config_differences(meta.get("extra", {}).get("config", {}), resume_config(self.cfg))
         if changed and self.info.is_main:
             print(f"resume: config keys {changed} differ from checkpoint {folder}; the run will not repeat exactly")
         self.step = int(meta["step"])
@@ -195,53 +283,65 @@ class Trainer:
 
     def _loader(self, stop: int) -> DataLoader:
         c = self.cfg
+        a = c.augment
+        img_scale = a.get("img_scale") or self.train_set.img_scale
         crops = TrainCrops(
             self.train_set,
-            AugmentParams(crop=int(c.crop), base_size=c.augment.base_size, scale=tuple(c.augment.scale), flip=bool(c.augment.flip)),
+            AugmentParams(
+                crop=int(c.crop), img_scale=tuple(img_scale) if img_scale else None, scale=tuple(a.scale),
+                cat_max_ratio=float(a.cat_max_ratio), flip=bool(a.flip), photometric=bool(a.photometric),
+                pad_value=IMAGENET_MEAN,
+            ),
             seed=int(c.seed),
-            offline_dir=c.target.get("offline_dir") if self.mode == "offline" else None,
+            offline_dir=c.target.get("offline_dir") if self.offline else None,
             num_classes=self.num_classes,
+            ignore_gt_void=self.ignore_gt_void,
         )
         sampler = StepBatches(self.step, stop, self.global_batch, self.info.rank, self.info.world_size, self.accum)
         workers = int(c.workers)
         return DataLoader(crops, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
 
-    def _targets(self, batch: Dict[str, torch.Tensor], images: torch.Tensor, valid: torch.Tensor) -> Targets:
-        if self.teacher is None:
-            return Targets(hard=batch["label"].to(self.device, non_blocking=True))
-        return self.teacher(images, valid)
+    @staticmethod
+    def _mask(mb: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pixels the losses see: inside the image and not 255 in the crop's label (if any)."""
+        return mb["valid"] & (mb["label"] != 255) if "label" in mb else mb["valid"]
 
-    def _counts(self, micro: List[Dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """Global (all processes, all micro-batches) labelled and valid pixel counts."""
-        labelled = valid = 0
-        for mb in micro:
-            v = mb["valid"]
-            valid += int(v.sum())
-            labelled += int(((mb["label"] != 255) & v).sum()) if "label" in mb else int(v.sum())
-        counts = all_reduce_sum(torch.tensor([labelled, valid], dtype=torch.float64, device=self.device), self.info)
-        return float(counts[0]), float(counts[1])
+    def _targets(self, mb: Dict[str, torch.Tensor], images: torch.Tensor, valid: torch.Tensor) -> Targets:
+        label = mb["label"].to(self.device, non_blocking=True) if "label" in mb else None
+        if self.teacher is None:
+            return Targets(hard=label)
+        targets = self.teacher(images, valid)
+        if label is not None:
+            targets.hard[label == 255] = 255
+        return targets
+
+    def _counts(self, micro: List[Dict[str, torch.Tensor]]) -> float:
+        """Global (all processes, all micro-batches) count of the pixels the losses see."""
+        count = sum(int(self._mask(mb).sum()) for mb in micro)
+        return float(all_reduce_sum(torch.tensor([count], dtype=torch.float64, device=self.device), self.info)[0])
 
     def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """One optimizer step on this process's micro-batches; returns global loss terms."""
-        c = self.cfg
         self.model.train()
-        n_lab, n_val = self._counts(micro)
+        n = self._counts(micro)
         self.optimizer.zero_grad(set_to_none=True)
         logged = torch.zeros(3, dtype=torch.float64, device=self.device)
         net = self.ddp or self.model
+        ce_weight = float(self.cfg.target.ce_weight)
         for i, mb in enumerate(micro):
             images = mb["image"].to(self.device, non_blocking=True)
             valid = mb["valid"].to(self.device, non_blocking=True)
+            mask = self._mask(mb).to(self.device, non_blocking=True)
             targets = self._targets(mb, images, valid)
             sync = contextlib.nullcontext() if self.ddp is None or i == len(micro) - 1 else self.ddp.no_sync()
             with sync:
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                     logits = net(images)
-                sums = loss_sums(logits, targets.hard, targets.soft, valid)
-                loss = combine(sums, n_lab, n_val, float(c.target.ce_weight), float(c.target.l1_weight))
+                sums = loss_sums(logits, targets.hard, targets.soft, targets.weights, mask)
+                loss = combine(sums, n, n, ce_weight)
                 self.scaler.scale(loss * self.info.world_size).backward()
-            ce, l1 = sums.ce.detach() / max(n_lab, 1.0), sums.l1.detach() / max(n_val, 1.0)
+            ce, l1 = sums.ce.detach() / max(n, 1.0), sums.l1.detach() / max(n, 1.0)
             logged += torch.stack([loss.detach(), ce, l1]).double()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -251,19 +351,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
-        """mIoU of the student on the val split (images sharded over processes, matrices summed)."""
+        """mIoU of the student on the val split under the dataset's test protocol (see inference.py);
+        images sharded over processes, confusion matrices summed."""
         assert self.val_set is not None
         self.model.eval()
+        e = self.cfg.eval
         cm = ConfusionMatrix(self.num_classes, ignore_index=getattr(self.val_set, "ignore_index", 255))
-        limit = self.cfg.eval.get("limit")
+        limit = e.get("limit")
         n = len(self.val_set) if limit is None else min(len(self.val_set), int(limit))
         for i in range(self.info.rank, n, self.info.world_size):
             sample = self.val_set[i]
             if sample.label is None:
                 raise ValueError(f"val image {sample.name!r} has no label; set eval.interval=0 to train without evaluation")
-            x = torch.from_numpy(sample.image).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                pred = self.model(x).argmax(dim=1)[0]
+            pred, _ = predict(self.model, sample.image, self.val_set.img_scale, mode=str(e.mode),
+                              window=int(e.get("window") or self.cfg.crop), stride=e.get("stride"),
+                              device=self.device, amp=self.use_amp)
             cm.update(pred.cpu(), sample.label)
         total = all_reduce_sum(torch.from_numpy(cm.matrix).to(self.device), self.info)
         cm.matrix = total.cpu().numpy()
@@ -274,7 +376,7 @@ class Trainer:
         if self.info.is_main:
             save_checkpoint(
                 self.out / "checkpoints", self.step, self.model, self.optimizer, self.scheduler, self.scaler,
-                keep=int(self.cfg.checkpoint.keep), extra={"config": self._resume_config()},
+                keep=int(self.cfg.checkpoint.keep), extra={"config": resume_config(self.cfg)},
             )
         barrier(self.info)
 

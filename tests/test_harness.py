@@ -1,0 +1,365 @@
+"""SCLIP-family harness pieces: class files, logits -> probabilities -> labels (prob_thd, area_thd),
+slide geometry in pixel space, the test-pipeline resize, and PAMR on logits."""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskclip_apro.data import load_vocab
+from maskclip_apro.data.class_file import CLASS_FILES, class_queries, parse_class_lines, read_class_file
+from maskclip_apro.generator.slide import centred_padding, harness_resize, slide_average, slide_boxes, to_original
+from maskclip_apro.postprocess import area_filter, class_probabilities, harness_labels, threshold_labels
+from maskclip_apro.refiners.pamr import pamr
+from maskclip_apro.refiners.pamr_logits import pamr_logits
+
+# ---------------------------------------------------------------- class files
+
+SIZES = {
+    "voc21_sclip": 21, "voc20_sclip": 20, "context60_sclip": 60, "context59_sclip": 59,
+    "cocoobject81_sclip": 81, "cocostuff171_sclip": 171, "cityscapes19_sclip": 19, "ade150_sclip": 150,
+    "voc21_clearclip": 21, "voc20_clearclip": 20, "cocoobject81_clearclip": 81, "voc21_proxyclip": 21,
+    "cocoobject81_proxyclip": 81,
+}
+
+
+def their_queries(text):
+    """get_cls_idx as the harness reads a file: a line per class id, split on ', '."""
+    names, owner = [], []
+    for idx, line in enumerate(text.splitlines(keepends=True)):
+        parts = line.split(", ")
+        names += [p.replace("\n", "") for p in parts]
+        owner += [idx] * len(parts)
+    return names, owner
+
+
+@pytest.mark.parametrize("name", CLASS_FILES)
+def test_builtin_class_files_parse_as_the_harness_does(name):
+    lines = read_class_file(name)
+    assert len(lines) == SIZES[name]
+    text = (resources.files("maskclip_apro") / "vocab" / f"{name}.txt").read_text(encoding="utf-8")
+    assert class_queries(lines) == their_queries(text)
+
+
+def test_method_class_files_differ_where_the_methods_do():
+    sclip, clear, proxy = (read_class_file(f"voc21_{m}") for m in ("sclip", "clearclip", "proxyclip"))
+    assert clear[0] == "background" and clear[15] == "person" and clear[20] == "tvmonitor"
+    assert proxy[0] == sclip[0] and proxy[1:] == clear[1:]
+    names, owner = class_queries(read_class_file("cocoobject81_proxyclip"))
+    assert owner.count(0) == 17 and sorted(owner[i] for i, n in enumerate(names) if n == "bed") == [0, 60]
+
+
+def test_voc21_background_line_and_synonyms():
+    lines = read_class_file("voc21_sclip")
+    names, owner = class_queries(lines)
+    assert owner.count(0) == 26 and names[0] == "sky" and "fence" in names[:26]
+    person = lines.index(next(line for line in lines if line.startswith("person")))
+    assert person == 15 and owner.count(15) == 7
+    assert owner.count(20) == 5 and names[-1] == "screen"
+
+
+def test_cocoobject_class_file_shares_bed_between_two_classes():
+    names, owner = class_queries(read_class_file("cocoobject81_sclip"))
+    assert sorted(owner[i] for i, n in enumerate(names) if n == "bed") == [0, 60]
+    with pytest.raises(ValueError, match="duplicate"):
+        load_vocab(read_class_file("cocoobject81_sclip"))  # the project's vocabularies refuse it
+
+
+@pytest.mark.parametrize("vocab,class_file", [("cityscapes19", "cityscapes19_sclip"), ("ade150", "ade150_sclip")])
+def test_project_vocab_names_match_class_files_up_to_spaces(vocab, class_file):
+    ours = load_vocab(vocab)
+    theirs = read_class_file(class_file)
+    assert [n.replace(" ", "") for n in ours] == [n.replace(" ", "") for n in theirs]
+
+
+def test_cocoobject81_vocab_names_the_class_file_lines():
+    names = load_vocab("cocoobject81")
+    assert len(names) == 81 and names[0] == "background" and names[-1] == "toothbrush"
+    assert names[1:] == [line.split(",")[0] for line in read_class_file("cocoobject81_sclip")[1:]]
+
+
+def test_class_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="empty name"):
+        parse_class_lines("cat\n\ndog\n", "'x'")
+    with pytest.raises(ValueError, match="empty name"):
+        parse_class_lines("cat, , kitten\n", "'x'")
+    with pytest.raises(ValueError, match="empty"):
+        parse_class_lines("", "'x'")
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        read_class_file(tmp_path / "nowhere.txt")
+    path = tmp_path / "cls.txt"
+    path.write_text("sky, wall\ncat\n")
+    assert read_class_file(path) == ["sky, wall", "cat"]
+
+
+# ---------------------------------------------------------------- logits -> probabilities -> labels
+
+
+def test_class_probabilities_softmax_over_queries_then_max_per_class():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64) * 0.3
+    owner = [0, 0, 1, 2, 2]
+    probs = class_probabilities(z, torch.tensor(owner), 3, 40.0)
+    for b in range(2):
+        for y in range(3):
+            for x in range(4):
+                e = [math.exp(40.0 * float(z[b, i, y, x])) for i in range(5)]
+                p = [v / sum(e) for v in e]
+                want = [max(p[i] for i in range(5) if owner[i] == k) for k in range(3)]
+                torch.testing.assert_close(probs[b, :, y, x], torch.tensor(want, dtype=torch.float64), atol=1e-14, rtol=0)
+    # not a softmax over per-class max logits (the denominators differ), same argmax
+    maxed = torch.stack([z[:, :2].amax(1), z[:, 2], z[:, 3:].amax(1)], dim=1)
+    assert not torch.allclose(probs, torch.softmax(40.0 * maxed, dim=1))
+    assert torch.equal(probs.argmax(1), maxed.argmax(1))
+
+
+def test_class_probabilities_bad_owner():
+    z = torch.zeros(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="no query"):
+        class_probabilities(z, torch.tensor([0, 0, 2]), 3, 40.0)
+    with pytest.raises(ValueError, match="outside"):
+        class_probabilities(z, torch.tensor([0, 1, 3]), 3, 40.0)
+    with pytest.raises(ValueError, match="disagree"):
+        class_probabilities(z, torch.tensor([0, 1]), 2, 40.0)
+
+
+def probs_from_labels(labels, k, high=0.6):
+    """One-hot-ish probabilities: `high` on the labelled class, the rest spread evenly."""
+    p = torch.full((1, k, *labels.shape), (1 - high) / (k - 1), dtype=torch.float64)
+    p.scatter_(1, labels[None, None], high)
+    return p
+
+
+def test_area_filter_zeroes_small_foreground_classes():
+    labels = torch.zeros(10, 10, dtype=torch.long)
+    labels[:5] = 1          # 50 pixels
+    labels[5:9] = 2         # 40 pixels
+    labels[9, :9] = 3       # 9 pixels: 9 / 100 foreground
+    labels[9, 9] = 0
+    probs = probs_from_labels(labels, 4)
+    assert int((labels > 0).sum()) == 99
+    out = area_filter(probs, 0.1)
+    assert torch.equal(out[:, :3], probs[:, :3]) and torch.all(out[:, 3] == 0)
+    assert torch.equal(threshold_labels(out)[0, 9, :9], torch.zeros(9, dtype=torch.long))  # ties: lowest index
+    # at the bound (area == area_thd * foreground) a class is removed, above it kept
+    labels[9, 9] = 3
+    assert int((labels == 3).sum()) == 10 and int((labels > 0).sum()) == 100
+    assert torch.all(area_filter(probs_from_labels(labels, 4), 0.1)[:, 3] == 0)
+    labels[0, 0] = 3
+    assert int((labels == 3).sum()) == 11 and int((labels > 0).sum()) == 100
+    assert torch.all(area_filter(probs_from_labels(labels, 4), 0.1)[:, 3] != 0)
+
+
+def test_area_filter_without_foreground_changes_no_label():
+    probs = probs_from_labels(torch.zeros(4, 4, dtype=torch.long), 3)
+    assert torch.equal(threshold_labels(area_filter(probs, 0.1)), threshold_labels(probs))
+
+
+def test_threshold_labels():
+    probs = torch.tensor([[0.05, 0.07, 0.03], [0.2, 0.5, 0.3], [0.4, 0.3, 0.3], [0.1, 0.45, 0.45]]).T.reshape(1, 3, 1, 4)
+    assert threshold_labels(probs, 0.1).tolist() == [[[0, 1, 0, 1]]]
+    assert threshold_labels(probs, 0.0).tolist() == [[[1, 1, 0, 1]]]
+
+
+def test_harness_labels_composes_the_steps():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 6, 8, 8, generator=g) * 0.1
+    owner = torch.tensor([0, 0, 1, 2, 3, 3])
+    probs, labels = harness_labels(z, owner, 4, logit_scale=65.0, prob_thd=0.1, area_thd=0.1)
+    want = area_filter(class_probabilities(z, owner, 4, 65.0), 0.1)
+    assert torch.equal(probs, want) and torch.equal(labels, threshold_labels(want, 0.1))
+
+
+# ---------------------------------------------------------------- slide geometry
+
+
+def their_boxes(h_img, w_img, crop, stride):
+    """The windows of their forward_slide."""
+    h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * stride, wi * stride
+            y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            boxes.append((y1, x1, y2 - y1, x2 - x1))
+    return boxes
+
+
+@pytest.mark.parametrize("size", [(336, 448), (336, 500), (336, 336), (200, 300), (560, 1120), (448, 597)])
+@pytest.mark.parametrize("window,stride", [(224, 112), (448, 224), (336, 112)])
+def test_slide_boxes_match_their_loop_last_flush(size, window, stride):
+    boxes = slide_boxes(*size, window, stride)
+    assert boxes == their_boxes(*size, window, stride)
+    assert max(y + h for y, _, h, _ in boxes) == size[0] and max(x + w for _, x, _, w in boxes) == size[1]
+
+
+def test_slide_box_counts():
+    assert len(slide_boxes(336, 448, 224, 112)) == 2 * 3
+    assert len(slide_boxes(336, 500, 224, 112)) == 2 * 4
+    assert slide_boxes(336, 500, 224, 112)[-1] == (112, 276, 224, 224)
+    assert slide_boxes(100, 120, 224, 112) == [(0, 0, 100, 120)]
+    assert slide_boxes(100, 120, None, None) == [(0, 0, 100, 120)]
+    with pytest.raises(ValueError, match="stride"):
+        slide_boxes(100, 120, 224, 0)
+
+
+def test_centred_padding():
+    assert centred_padding(20, 27, 8) == (2, 3, 2, 2)
+    assert centred_padding(24, 24, 8) == (0, 0, 0, 0)
+    assert centred_padding(336, 300, 56) == (18, 18, 0, 0)  # 300 -> 336
+
+
+def patch_means(p):
+    return lambda crop: F.avg_pool2d(crop, p)  # a map on the crop's patch grid (floor of its size)
+
+
+def their_slide(img, crop_fn, crop, stride, pad_to):
+    """Their forward_slide accumulation: F.pad each upsampled window map into the image frame."""
+    _, _, h_img, w_img = img.shape
+    preds, count = None, torch.zeros(1, 1, h_img, w_img, dtype=img.dtype)
+    for y1, x1, h, w in their_boxes(h_img, w_img, crop, stride):
+        crop_img = img[:, :, y1 : y1 + h, x1 : x1 + w]
+        pad = (0, 0, 0, 0)
+        if pad_to:
+            lr, tb = (pad_to - w % pad_to) % pad_to, (pad_to - h % pad_to) % pad_to
+            pad = (lr // 2, lr - lr // 2, tb // 2, tb - tb // 2)
+            crop_img = F.pad(crop_img, pad)
+        logit = F.interpolate(crop_fn(crop_img), size=crop_img.shape[-2:], mode="bilinear")
+        logit = logit[:, :, pad[2] : pad[2] + h, pad[0] : pad[0] + w]
+        part = F.pad(logit, (x1, w_img - x1 - w, y1, h_img - y1 - h))
+        preds = part if preds is None else preds + part
+        count[:, :, y1 : y1 + h, x1 : x1 + w] += 1
+    return preds / count
+
+
+@pytest.mark.parametrize("size,pad_to", [((40, 52), None), ((20, 52), None), ((20, 52), 8), ((44, 30), 16)])
+def test_slide_average_equals_their_accumulation(size, pad_to):
+    img = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = slide_average(patch_means(8), img, 24, 12, pad_to)
+    assert out.shape == (2, 3, *size)
+    torch.testing.assert_close(out, their_slide(img, patch_means(8), 24, 12, pad_to), atol=1e-12, rtol=0)
+
+
+def test_slide_average_single_window_is_the_upsampled_map():
+    img = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = F.interpolate(F.avg_pool2d(img, 16), size=(32, 48), mode="bilinear", align_corners=False)
+    assert torch.equal(slide_average(patch_means(16), img, None, None), want)
+    assert torch.equal(slide_average(patch_means(16), img, 64, 32), want)
+
+
+@pytest.mark.parametrize(
+    "size,scale,expected",
+    [
+        ((375, 500), (2048, 336), (336, 448)), ((500, 375), (2048, 336), (448, 336)),
+        ((281, 500), (2048, 336), (336, 598)), ((1024, 2048), (2048, 560), (560, 1120)),
+        ((427, 640), (2048, 448), (448, 671)), ((100, 4000), (2048, 336), (51, 2048)),
+    ],
+)
+def test_harness_resize_rounding(size, scale, expected):
+    img = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(4))
+    out = harness_resize(img, scale)
+    assert out.shape[-2:] == expected
+    assert torch.equal(out, F.interpolate(img, size=expected, mode="bilinear", align_corners=False, antialias=False))
+    assert torch.equal(to_original(out, size), F.interpolate(out, size=size, mode="bilinear", align_corners=False))
+
+
+# ---------------------------------------------------------------- PAMR on logits
+
+
+def their_pamr(image, mask, iters, dilations):
+    """The harness's PAMR (conv kernels, std over 9 positions per dilation, softmax over neighbours)."""
+    offsets = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]
+    diff = torch.zeros(8, 1, 3, 3, dtype=image.dtype)
+    copy = torch.zeros(8, 1, 3, 3, dtype=image.dtype)
+    for i, (a, b) in enumerate(offsets):
+        diff[i, 0, 1, 1], diff[i, 0, a, b] = 1, -1
+        copy[i, 0, a, b] = 1
+    window = torch.zeros(9, 1, 3, 3, dtype=image.dtype)
+    for i in range(9):
+        window[i, 0, i // 3, i % 3] = 1
+
+    def local(x, kernel):
+        b, k, h, w = x.shape
+        x = x.reshape(b * k, 1, h, w)
+        outs = [F.conv2d(F.pad(x, [d] * 4, mode="replicate"), kernel, dilation=d) for d in dilations]
+        return torch.cat(outs, 1).reshape(b, k, -1, h, w)
+
+    std = local(image, window).std(2, keepdim=True)
+    aff = (-local(image, diff).abs() / (1e-8 + 0.1 * std)).mean(1, keepdim=True)
+    aff = torch.softmax(aff, 2)
+    for _ in range(iters):
+        mask = (local(mask, copy) * aff).sum(2)
+    return mask
+
+
+def test_pamr_logits_equals_their_pamr_on_the_resized_normalised_image():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 4, 30, 34, generator=g, dtype=torch.float64) * 0.2
+    image = torch.randn(1, 3, 20, 24, generator=g, dtype=torch.float64)
+    out = pamr_logits(logits, image, dilations=(1, 2), iters=3)
+    guide = F.interpolate(image, size=(30, 34), mode="bilinear")
+    torch.testing.assert_close(out, their_pamr(guide, logits, 3, (1, 2)), atol=1e-12, rtol=1e-12)
+    # on logits, then softmax, is not softmax, then PAMR
+    after = torch.softmax(40 * out, 1)
+    before = pamr(torch.softmax(40 * logits, 1), guide, (1, 2), 3)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_pamr_logits_keeps_dtype_and_checks_input():
+    logits = torch.randn(1, 2, 16, 16)
+    image = torch.randn(1, 3, 16, 16)
+    assert pamr_logits(logits, image).dtype == torch.float32
+    with pytest.raises(ValueError, match="batch"):
+        pamr_logits(logits, torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="iters"):
+        pamr_logits(logits, image, iters=-1)
+    with pytest.raises(ValueError, match="dilations"):
+        pamr_logits(logits, image, dilations=())
+
+
+# ---------------------------------------------------------------- the pieces composed (what the protocol wiring does)
+
+
+@pytest.mark.parametrize("mode", ["naclip", "proxyclip"])
+def test_harness_pieces_compose_on_tiny_models(mode):
+    from maskclip_apro.generator.dense_attention import dense_last_block
+    from maskclip_apro.generator.models import image_mean_std, load_clip
+    from maskclip_apro.generator.pos_embed import interpolate_pos_embed_offset
+    from maskclip_apro.generator.vfm import load_vfm
+
+    clip, _ = load_clip("tiny_vit", None)
+    visual = clip.visual
+    vfm = load_vfm("tiny_dino", None) if mode == "proxyclip" else None
+    mean, std = (t.view(1, 3, 1, 1) for t in image_mean_std(clip))
+    g = torch.Generator().manual_seed(7)
+    text = F.normalize(torch.randn(5, visual.proj.shape[1], generator=g), dim=1)  # 5 queries
+    owner = torch.tensor([0, 0, 1, 2, 2])
+
+    def crop_fn(crop):
+        b, _, h, w = crop.shape
+        grid = (h // 16, w // 16)
+        x = visual.conv1(crop).flatten(2).transpose(1, 2)
+        pos = interpolate_pos_embed_offset(visual.positional_embedding, (4, 4), grid)
+        x = visual.ln_pre(torch.cat([visual.class_embedding.expand(b, 1, -1), x], 1) + pos)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        extra = {"vfm_features": vfm(crop * std + mean)} if vfm is not None else {}
+        feats, _ = dense_last_block(visual, x, grid, mode, **extra)
+        return torch.einsum("bdhw,md->bmhw", F.normalize(feats, dim=1), text)
+
+    image = torch.rand(1, 3, 70, 90, generator=g)
+    resized = harness_resize(image, (2048, 48))
+    normed = (resized - mean) / std
+    with torch.no_grad():
+        logits = to_original(slide_average(crop_fn, normed, 32, 16), (70, 90))
+        logits = pamr_logits(logits, normed, dilations=(1, 2), iters=2)
+    probs, labels = harness_labels(logits, owner, 3, logit_scale=40.0, prob_thd=0.1)
+    assert resized.shape[-2:] == (48, 62) and logits.shape == (1, 5, 70, 90)
+    assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90) and bool(torch.isfinite(probs).all())
+    assert int(labels.min()) >= 0 and int(labels.max()) <= 2
