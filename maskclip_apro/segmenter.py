@@ -93,11 +93,11 @@ def labels_at(
             c0, c1, b0, b1 = x0d[cols], x1d[cols], wx0d[cols], wx1d[cols]
             start, stop = int(x0[cols][0]), int(x0[cols][-1])
             if prune:
-                groups = [(slice(i, i + 1), _possible_classes(probs[i, :, first : last + 2, start : stop + 2],
-                                                              last + 1 == h, stop + 1 == w)) for i in range(b)]
+                groups = [(i, _possible_classes(probs[i, :, first : last + 2, start : stop + 2], last + 1 == h,
+                                                stop + 1 == w)) for i in range(b)]
             else:
                 groups = [(slice(0, b), list(range(k)))]
-            for images, classes in groups:
+            for images, classes in groups:  # one image (2-D tiles) or the batch (3-D)
                 out = labels[images, rows, cols]
                 if len(classes) == 1:
                     out.fill_(classes[0])
@@ -105,8 +105,8 @@ def labels_at(
                 best = None
                 for c in classes:
                     band = probs[images, c, first : last + 2]
-                    along_w = band.index_select(2, c0) * b0 + band.index_select(2, c1) * b1
-                    value = along_w.index_select(1, r0) * a0 + along_w.index_select(1, r1) * a1
+                    along_w = band.index_select(-1, c0) * b0 + band.index_select(-1, c1) * b1
+                    value = along_w.index_select(-2, r0) * a0 + along_w.index_select(-2, r1) * a1
                     if best is None:
                         best = value
                         out.fill_(c)
