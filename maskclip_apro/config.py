@@ -26,21 +26,34 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """A command-line entry point: `run` under Hydra, with bad input reported as one line.
+    """A command-line entry point: `run` under Hydra, with failures the user can fix reported as one line.
 
-    A ValueError or FileNotFoundError (bad config value, missing file, corrupt image) ends the
-    program with "error: <message>" and exit status 1 instead of a traceback.
+    A ValueError or OSError (bad config value, missing or unwritable file, corrupt image) ends
+    the program with "error: <message>" and exit status 1 instead of a traceback; Ctrl-C ends it
+    with one line and status 130 (files already written are complete: writes are atomic).
     """
+    import sys
+
     import hydra
 
     def task(cfg: DictConfig) -> Any:
         try:
             return run(cfg)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             raise SystemExit(f"error: {error}") from None
 
     task.__name__ = run.__module__.rsplit(".", 1)[-1]
-    return hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)
+    app = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)
+
+    def main() -> Any:
+        try:
+            return app()
+        except KeyboardInterrupt:
+            print(f"\n{config_name} interrupted (Ctrl-C); every file already written is complete", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    main.__doc__ = f"The {config_name} command (Hydra overrides as arguments)."
+    return main
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.io import load_image
 from .refiners import Chain, Guidance
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -32,47 +33,119 @@ class Prediction:
     times: dict[str, float] = field(default_factory=dict)
 
 
-def to_array(image: ImageLike) -> np.ndarray:
-    """Any accepted image to uint8 (H, W, 3) RGB, with the loader's conversions and errors."""
-    from .data.io import load_image
-
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGBA").convert("RGB") if "A" in image.mode else image.convert("RGB")
-        return np.asarray(image)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise ValueError(f"image array must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-        return image[..., :3]
-    raise ValueError(f"image must be a path, PIL image or uint8 array, got {type(image).__name__}")
-
-
 def to_tensor(image: np.ndarray, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """uint8 (H, W, 3) to float (1, 3, H, W) in [0, 1]."""
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
 
 
-def labels_at(probs: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> torch.Tensor:
-    """argmax over classes of the bilinearly upsampled probabilities (B, K, h, w) -> (B, H, W).
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
+    """Source indices (i0, i1) and weights (w0, w1) of bilinear resampling along one axis, on the CPU.
 
-    Classes are upsampled `chunk` at a time so that K = 171 at full resolution stays small.
+    The rule of F.interpolate(mode="bilinear", align_corners=False): output pixel j samples the
+    input at (j + 0.5) * n_in / n_out - 0.5, clamped to the first and last input pixel.
     """
-    best_val = best_idx = None
-    for start in range(0, probs.shape[1], chunk):
-        part = F.interpolate(probs[:, start : start + chunk].float(), size=size, mode="bilinear", align_corners=False)
-        val, idx = part.max(dim=1)
-        idx += start
-        if best_val is None:
-            best_val, best_idx = val, idx
-        else:
-            better = val > best_val
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx, best_idx)
-    return best_idx
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=n_in - 1)
+    i1 = (i0 + 1).clamp_(max=n_in - 1)
+    w1 = (src - i0).clamp_(0, 1).float()
+    return i0, i1, 1 - w1, w1
+
+
+_TIE_MARGIN = 1e-5  # relative to the cell's largest value; float32 rounding of the interpolation is < 1e-6
+
+
+def labels_at(
+    probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 18, prune: Optional[bool] = None
+) -> torch.Tensor:
+    """argmax over classes of the bilinearly upsampled scores (B, K, h, w) -> (B, H, W) int64.
+
+    Memory stays O(H*W) beside the input, never O(K*H*W) (a 6000 x 4000 photo with 171 classes
+    would need 16 GB of upsampled maps): the output is made tile by tile, `tile_elements`
+    pixels at a time, one class at a time with a running maximum. With `prune` (default: on the
+    CPU) only the classes that can win somewhere in the tile are interpolated
+    (_possible_classes), image by image, and a tile with one possible winner is filled with it;
+    without it (default on GPUs, where fewer, larger launches pay) the batch goes through every
+    class together. Each value is computed by the same per-pixel arithmetic whatever the tiling
+    (the two input rows interpolated along W, then the two results along H), so the labels do
+    not depend on the tile size or the pruning; they agree with the argmax of
+    F.interpolate(mode="bilinear", align_corners=False) up to float rounding, which can only
+    matter at exact ties (ties go to the lowest class index).
+    """
+    if probs.ndim != 4:
+        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
+    b, k, h, w = probs.shape
+    height, width = int(size[0]), int(size[1])
+    device = probs.device
+    probs = probs.float()
+    y0, y1, wy0, wy1 = _bilinear_taps(h, height)
+    x0, x1, wx0, wx1 = _bilinear_taps(w, width)
+    y0d, y1d, wy0d, wy1d, x0d, x1d, wx0d, wx1d = (t.to(device) for t in (y0, y1, wy0, wy1, x0, x1, wx0, wx1))
+    labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
+    tile_w = min(width, 1024)
+    prune = device.type == "cpu" if prune is None else prune
+    tile_h = max(1, tile_elements // (tile_w * (1 if prune else b)))
+    for top in range(0, height, tile_h):
+        rows = slice(top, min(height, top + tile_h))
+        first, last = int(y0[rows][0]), int(y0[rows][-1])  # the tile lies in cells of input rows first..last + 1
+        r0, r1, a0, a1 = y0d[rows] - first, y1d[rows] - first, wy0d[rows, None], wy1d[rows, None]
+        for left in range(0, width, tile_w):
+            cols = slice(left, min(width, left + tile_w))
+            c0, c1, b0, b1 = x0d[cols], x1d[cols], wx0d[cols], wx1d[cols]
+            start, stop = int(x0[cols][0]), int(x0[cols][-1])
+            if prune:
+                groups = [(i, _possible_classes(probs[i, :, first : last + 2, start : stop + 2], last + 1 == h,
+                                                stop + 1 == w)) for i in range(b)]
+            else:
+                groups = [(slice(0, b), list(range(k)))]
+            for images, classes in groups:  # one image (2-D tiles) or the batch (3-D)
+                out = labels[images, rows, cols]
+                if len(classes) == 1:
+                    out.fill_(classes[0])
+                    continue
+                best = None
+                for c in classes:
+                    band = probs[images, c, first : last + 2]
+                    along_w = band.index_select(-1, c0) * b0 + band.index_select(-1, c1) * b1
+                    value = along_w.index_select(-2, r0) * a0 + along_w.index_select(-2, r1) * a1
+                    if best is None:
+                        best = value
+                        out.fill_(c)
+                    else:
+                        better = value > best
+                        best = torch.where(better, value, best)
+                        out.masked_fill_(better, c)
+    return labels
+
+
+def _possible_classes(block: torch.Tensor, last_row: bool, last_col: bool) -> list[int]:
+    """The classes (ascending ids) that can win somewhere in the cells of `block` (K, rows, cols).
+
+    A cell is two by two neighbouring input pixels (the input's last row and column, flagged
+    by last_row / last_col, are repeated to close the final cells); every output pixel's four
+    taps are one cell's corners and its value for a class is a convex combination of the
+    class's corner values. Anywhere in the cell the winner's value is at least `floor`: the
+    best smallest corner of one class, or of the mean of the two or three classes with the
+    largest corners (the winner is at least their mean), which keeps region boundaries cheap.
+    A class whose largest corner is below floor, less a margin far above float rounding,
+    cannot win in the cell.
+    """
+    if last_row or last_col:
+        block = F.pad(block[None], (0, int(last_col), 0, int(last_row)), mode="replicate")[0]
+    k = block.shape[0]
+    corners = (block[:, :-1, :-1], block[:, :-1, 1:], block[:, 1:, :-1], block[:, 1:, 1:])
+    low = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
+    high = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    floor = low.amax(dim=0)
+    margin = _TIE_MARGIN * torch.maximum(high.amax(dim=0), -low.amin(dim=0))
+    leaders = high.topk(min(3, k), dim=0).indices
+    sums = [torch.zeros_like(floor) for _ in corners]
+    for m in range(leaders.shape[0]):
+        for total, corner in zip(sums, corners):
+            total += corner.gather(0, leaders[m : m + 1])[0]
+        worst = torch.minimum(torch.minimum(sums[0], sums[1]), torch.minimum(sums[2], sums[3]))
+        floor = torch.maximum(floor, worst / (m + 1))
+    possible = (high >= floor - margin).flatten(1).any(dim=1)
+    return possible.nonzero()[:, 0].tolist()
 
 
 class Segmenter:
@@ -133,7 +206,7 @@ class Segmenter:
         Labels are the argmax of bilinearly upsampled scores: the refined probabilities, or the
         generator's logits for a chain without refiners (as mmseg upsamples MaskCLIP's head output).
         """
-        array = to_array(image)
+        array = load_image(image)
         device = getattr(self.generator, "device", "cpu")
         image_tensor = to_tensor(array, device)
         start = time.perf_counter()

@@ -34,7 +34,7 @@ def test_refine_writes_labels_overlays_probs_panels_and_skips_on_rerun(tmp_path,
     )
     summary = refine.run(cfg)
     out = tmp_path / "out"
-    assert summary["refined"] == 2 and summary["skipped"] == 0
+    assert summary["refined"] == 2 and summary["reused"] == 0 and summary["not_reused"] == {"new": 2}
     for name, size in [("img0", (40, 56)), ("img1", (64, 48))]:
         label = Image.open(out / "labels" / f"{name}.png")
         assert label.mode == "P" and label.size == (size[1], size[0])
@@ -44,8 +44,8 @@ def test_refine_writes_labels_overlays_probs_panels_and_skips_on_rerun(tmp_path,
         assert (out / "panels" / f"{name}.png").exists()
     assert set(summary["seconds_per_image"]) >= {"generator", "apro"}
     again = refine.run(cfg)
-    assert again["refined"] == 0 and again["skipped"] == 2
-    assert json.loads((out / "summary.json").read_text())["skipped"] == 2
+    assert again["refined"] == 0 and again["reused"] == 2 and again["not_reused"] == {}
+    assert json.loads((out / "summary.json").read_text())["reused"] == 2
 
 
 def test_refine_on_the_bundled_samples(tmp_path):

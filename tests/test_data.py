@@ -1,5 +1,6 @@
 """Dataset readers on tiny layouts written in tmp_path, the synthetic set, build_dataset, configs."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,94 @@ def test_hydra_dataset_configs_build(tmp_path, monkeypatch):
         assert len(ds) == 2
         cfg = compose(config_name="dataset/synthetic", overrides=["dataset.num_images=3"])["dataset"]
         assert len(build_dataset(**cfg)) == 3
+
+
+@pytest.mark.parametrize("bad", ["../../x", "/abs/x", "a/b", "a\\b", "..", "."])
+def test_split_file_ids_must_be_plain_file_names(tmp_path, bad):
+    base = make_devkit(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", VOC_LABELS)
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text(f"2007_000001\n\n{bad}\n")
+    with pytest.raises(ValueError, match=rf"val.txt' line 3: sample id {re.escape(repr(bad))} is not a plain file name"):
+        build_dataset("voc21", root=tmp_path)
+
+
+def test_hidden_files_are_not_images(tmp_path):
+    root = tmp_path / "f"
+    write_pair(root / "images" / "a.png", root / "labels" / "a.png", np.zeros((2, 2), np.uint8))
+    (root / "images" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / "images" / ".DS_Store").write_bytes(b"Bud1")
+    assert [s.name for s in build_dataset("folder", root=root, classes="voc21")] == ["a"]
+    assert len(build_dataset("images", root=root / "images")) == 1
+
+
+def test_label_values_beyond_the_classes_name_the_file(tmp_path):
+    root = tmp_path / "f"
+    write_pair(root / "images" / "a.png", root / "labels" / "a.png", np.array([[0, 2, 255, 7, 3]], np.uint8))
+    (root / "classes.txt").write_text("background\nroad\ncar\n")
+    with pytest.raises(ValueError, match=r"label file '.*labels/a.png' holds value\(s\) 3, 7 that are not classes of "
+                                         r"this dataset \(3 classes, 0-2, ignore 255\)"):
+        build_dataset("folder", root=root)[0]
+    base = make_devkit(tmp_path / "voc", "VOC2012", "SegmentationClass", "Segmentation",
+                       {"2007_000001": np.array([[0, 21, 30]], np.uint8)})
+    with pytest.raises(ValueError, match=r"2007_000001.png' holds value\(s\) 21, 30 .*\(20 classes"):
+        build_dataset("voc20", root=base)[0]
+
+
+def test_sources_fingerprint_the_files_and_generation_parameters(tmp_path):
+    root = tmp_path / "f"
+    write_pair(root / "images" / "a.png", root / "labels" / "a.png", np.zeros((2, 2), np.uint8))
+    ds = build_dataset("folder", root=root, classes="voc21")
+    first = ds.source(0)
+    assert first.name == "a" and first.image != first.label
+    save_label_png(root / "labels" / "a.png", np.ones((2, 3), np.uint8))
+    assert ds.source(0).label != first.label and ds.source(0).image == first.image
+    synthetic = build_dataset("synthetic", num_images=2)
+    assert synthetic.source(1) == build_dataset("synthetic", num_images=5).source(1)
+    assert synthetic.source(1).name == synthetic[1].name
+    assert synthetic.source(1) != build_dataset("synthetic", seed=3).source(1)
+    with pytest.raises(IndexError):
+        synthetic.source(2)
+
+
+def make_labelme_export(root: Path) -> Path:
+    """A folder laid out as labelme's labelme2voc.py writes it (no ImageSets, labels as PNG and .npy)."""
+    labels = {"2011_000003": np.array([[0, 15, 255], [5, 0, 0]], np.uint8),
+              "2011_000006": np.array([[9, 18, 15], [0, 0, 255]], np.uint8)}
+    for name, label in labels.items():
+        write_pair(root / "JPEGImages" / f"{name}.jpg", root / "SegmentationClassPNG" / f"{name}.png", label)
+        (root / "SegmentationClass").mkdir(exist_ok=True)
+        np.save(root / "SegmentationClass" / f"{name}.npy", np.where(label == 255, -1, label).astype(np.int32))
+        (root / "SegmentationClassVisualization").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(root / "SegmentationClassVisualization" / f"{name}.jpg")
+    voc = ["_background_", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+           "diningtable", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv/monitor"]
+    (root / "class_names.txt").write_text("\n".join(voc))  # labelme writes no final newline
+    return root
+
+
+def test_a_labelme_voc_export_reads_as_it_is(tmp_path):
+    root = make_labelme_export(tmp_path / "data_dataset_voc")
+    ds = build_dataset("folder", root=root)
+    assert [s.name for s in ds] == ["2011_000003", "2011_000006"]
+    assert ds.num_classes == 21 and ds.class_names[0] == "background" and ds.has_background
+    assert ds.class_names[20] == "tv/monitor"
+    np.testing.assert_array_equal(ds[0].label, [[0, 15, 255], [5, 0, 0]])
+    assert ds[1].image.shape == (2, 3, 3)
+
+    assert build_dataset("folder", root=root, classes="voc21").class_names[20] == "tv monitor"
+    assert len(build_dataset("folder", root=root, split="train")) == 2  # no ImageSets: every image
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2011_000006\n")
+    assert [s.name for s in build_dataset("folder", root=root, split="val")] == ["2011_000006"]
+    assert len(build_dataset("folder", root=root)) == 2  # no split: every image
+    with pytest.raises(FileNotFoundError, match=r"ImageSets[/\\]Segmentation[/\\]train.txt"):
+        build_dataset("folder", root=root, split="train")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2011_000006\nmissing_one\n")
+    with pytest.raises(FileNotFoundError, match="first: 'missing_one'"):
+        build_dataset("folder", root=root, split="val")
+
+    (root / "SegmentationClassPNG").rename(root / "masks")
+    with pytest.raises(FileNotFoundError, match=r"2011_000003.png"):  # SegmentationClass holds no PNG files
+        build_dataset("folder", root=root)
+    assert len(build_dataset("folder", root=root, label_dir="masks")) == 2
+    with pytest.raises(FileNotFoundError, match="label folder not found: .*nowhere"):
+        build_dataset("folder", root=root, label_dir="nowhere")

@@ -91,3 +91,19 @@ def test_labelme_examples_voc(tmp_path):
         cm.update(s.label, s.label)
     assert cm.compute()["mIoU"] == 1.0
     assert load_vocab("voc21")[0] == "background"
+
+
+@pytest.mark.skipif(not LABELME_VOC.is_dir(), reason="Debian labelme-examples not installed")
+def test_labelme_examples_export_reads_in_place():
+    """labelme's own VOC export (JPEGImages, SegmentationClassPNG, class_names.txt, no ImageSets), unchanged."""
+    ds = build_dataset("folder", root=LABELME_VOC)
+    assert [s.name for s in ds] == sorted(p.stem for p in (LABELME_VOC / "JPEGImages").glob("*.jpg"))
+    assert ds.num_classes == 21 and ds.class_names[0] == "background" and ds.class_names[15] == "person"
+    cm = ConfusionMatrix(ds.num_classes)
+    for s in ds:
+        assert s.label.shape == s.image.shape[:2]
+        np.testing.assert_array_equal(s.label, np.asarray(Image.open(LABELME_VOC / "SegmentationClassPNG" / f"{s.name}.png")))
+        raw = np.load(LABELME_VOC / "SegmentationClass" / f"{s.name}.npy")  # labelme's int32 copy, -1 = ignore
+        np.testing.assert_array_equal(s.label, np.where(raw < 0, 255, raw))
+        cm.update(s.label, s.label)
+    assert cm.compute()["mIoU"] == 1.0

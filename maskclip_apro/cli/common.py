@@ -1,17 +1,55 @@
-"""What the refine, evaluate and compare commands share: inputs, vocabulary, timing summaries."""
+"""What the commands share: config checks and setup, inputs, vocabulary, per-image failures, summaries."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from ..data import build_dataset, load_vocab
-from ..data.io import atomic_write
+from ..data.io import atomic_write, remove_stale_temporaries, set_max_image_pixels
 from ..samples import sample_paths
+from ..schema import check_config
+
+
+def prepare(cfg: DictConfig, command: str, out: Path | None = None) -> Path:
+    """Check the config, apply the image size limit, tidy the output folder (cfg.output_dir
+    unless `out` names the run's own); returns the folder.
+
+    Temporary files that a killed run left behind (see data.io.atomic_write) are removed.
+    """
+    check_config(cfg, command)
+    set_max_image_pixels(cfg.get("max_image_pixels"))
+    out = Path(cfg.output_dir) if out is None else Path(out)
+    removed = remove_stale_temporaries(out)
+    if removed:
+        print(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {out}")
+    return out
+
+
+class Failures:
+    """Images that could not be processed, under on_error: "stop" re-raises, "skip" lists them."""
+
+    def __init__(self, on_error: str) -> None:
+        self.on_error = on_error
+        self.items: list[dict[str, str]] = []
+
+    def add(self, name: str, error: Exception) -> None:
+        if self.on_error == "stop":
+            raise error
+        self.items.append({"name": name, "error": str(error)})
+        tqdm.write(f"skipped {name}: {error}", file=sys.stderr)
+
+    def check_some_succeeded(self, total: int) -> None:
+        """Every image failing is a run failure, not a list of skips."""
+        if total and len(self.items) == total:
+            first = self.items[0]
+            raise ValueError(f"all {total} images failed; first, {first['name']}: {first['error']}")
 
 
 def open_inputs(cfg: DictConfig) -> tuple[Any, list[str]]:

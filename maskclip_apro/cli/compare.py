@@ -8,9 +8,10 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import hydra_app
-from ..data.io import atomic_write
-from .common import resolved, write_json
+from ..data.io import atomic_write, output_path
+from .common import prepare, resolved, write_json
 from .methods import methods_table, run_methods
+from .reuse import ReuseLog
 from .sweep import job_output_dir
 
 
@@ -19,14 +20,15 @@ def run(cfg: DictConfig) -> dict:
 
     In a multirun (-m) each job writes to its own folder and cli/sweep.py joins them in one table.
     """
-    out = job_output_dir(cfg)
+    out = prepare(cfg, "compare", job_output_dir(cfg))
     methods = OmegaConf.to_container(cfg.methods, resolve=True)
     results = run_methods(cfg, methods, out, panels=cfg.panels)
     table = methods_table(results)
     print(table)
-    with atomic_write(out / "table.md", "w", encoding="utf-8") as f:
+    with atomic_write(output_path(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    write_json(out / "results.json", {**results, "config": resolved(cfg)})
+    write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
+    print(f"per-image records: {ReuseLog.describe(results)}")
     return results
 
 

@@ -5,15 +5,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..config import hydra_app, refine_steps
+from ..data.io import output_path
 from ..evaluation import format_table
-from .common import resolved, write_json
+from .common import prepare, resolved, write_json
 from .methods import methods_table, run_methods
+from .reuse import ReuseLog
 
 
 def _preset_name(cfg: DictConfig) -> str:
@@ -24,13 +24,14 @@ def _preset_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.refine on cfg.dataset; writes results.json (tagged with the resolved config)."""
-    out = Path(cfg.output_dir)
+    out = prepare(cfg, "evaluate")
     name = _preset_name(cfg)
     results = run_methods(cfg, {name: refine_steps(cfg)}, out)
     metrics = results["methods"][name]
     print(format_table(metrics, results["classes"]))
     print(methods_table(results))
-    write_json(out / "results.json", {**results, "config": resolved(cfg)})
+    write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
+    print(f"per-image records: {ReuseLog.describe(results)}")
     return results
 
 

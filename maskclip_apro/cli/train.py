@@ -15,10 +15,12 @@ from omegaconf import DictConfig
 from ..config import hydra_app
 from ..student.distributed import init_distributed, shutdown
 from ..student.trainer import Trainer
+from .common import prepare
 
 
 def run(cfg: DictConfig) -> list[float]:
     """Train per cfg (conf/train.yaml); returns this call's per-step losses."""
+    prepare(cfg, "train")
     info = init_distributed(str(cfg.device))
     try:
         return Trainer(cfg, info=info).run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Item, SegDataset, reduce_zero_label_lut, require
+from .folder import is_hidden
 from .vocab import load_vocab
 
 SPLIT_FOLDERS = {"val": "validation", "train": "training", "validation": "validation", "training": "training"}
@@ -23,7 +24,7 @@ class ADE20KDataset(SegDataset):
         root = require(Path(root), "dataset root")
         image_dir = require(root / "images" / SPLIT_FOLDERS[split], "image folder")
         label_dir = require(root / "annotations" / SPLIT_FOLDERS[split], "annotation folder")
-        images = sorted(image_dir.glob("*.jpg"))
+        images = sorted(p for p in image_dir.glob("*.jpg") if not is_hidden(p))
         if not images:
             raise FileNotFoundError(f"no .jpg images in {str(image_dir)!r}")
         items = [Item(p.stem, p, label_dir / f"{p.stem}.png") for p in images]

@@ -25,6 +25,23 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Source:
+    """What one sample is made from, cheap to compute without decoding it: its name and a
+    fingerprint of its image and label (file size and modification time, or the generation
+    parameters of an in-memory sample). Saved results are reused only while these match."""
+
+    name: str
+    image: str
+    label: str | None
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size and modification time (ns) of a file: changes whenever the file is rewritten."""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@dataclass(frozen=True)
 class Item:
     """Where one sample lives on disk."""
 
@@ -62,10 +79,22 @@ def check_items(items: list[Item]) -> None:
         )
 
 
+def check_sample_id(sample_id: str, where: str) -> str:
+    """A sample id becomes a file name (labels/<id>.png): refuse one that is not a plain name."""
+    if not sample_id or sample_id in (".", "..") or any(c in sample_id for c in "/\\\0"):
+        raise ValueError(
+            f"{where}: sample id {sample_id!r} is not a plain file name (ids such as 2007_000032 "
+            "contain no '/', '\\' or '..', and are not absolute paths)"
+        )
+    return sample_id
+
+
 def read_split_file(path: Path) -> list[str]:
-    """Sample ids, one per line, blank lines skipped."""
+    """Sample ids, one per line, blank lines skipped; each must be a plain file name."""
     require(path, "split file")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    ids = [check_sample_id(line.strip(), f"split file {str(path)!r} line {n}") for n, line in enumerate(lines, 1)
+           if line.strip()]
     if not ids:
         raise ValueError(f"split file {str(path)!r} lists no samples")
     return ids
@@ -115,10 +144,19 @@ class SegDataset(LabelledBy):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Sample:
+    def _item(self, index: int) -> Item:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
-        item = self.items[index]
+        return self.items[index]
+
+    def source(self, index: int) -> Source:
+        """Name and file fingerprints of sample `index` (no decoding)."""
+        item = self._item(index)
+        label = None if item.label_path is None else file_fingerprint(item.label_path)
+        return Source(item.name, file_fingerprint(item.image_path), label)
+
+    def __getitem__(self, index: int) -> Sample:
+        item = self._item(index)
         image = load_image(item.image_path)
         label = None
         if item.label_path is not None:
@@ -128,9 +166,22 @@ class SegDataset(LabelledBy):
                     f"label {str(item.label_path)!r} has size {label.shape} but image "
                     f"{str(item.image_path)!r} has size {image.shape[:2]}"
                 )
+            raw = label
             if self._lut is not None:
                 label = self._lut[self._as_uint8(label, item.label_path)]
+            self._check_classes(raw, label, item.label_path)
         return Sample(item.name, image, label)
+
+    def _check_classes(self, raw: np.ndarray, label: np.ndarray, path: Path) -> None:
+        """Every label value must be a class index or the ignore index; name the file otherwise."""
+        bad = ((label < 0) | (label >= self.num_classes)) & (label != self.ignore_index)
+        if bad.any():
+            values = np.unique(raw[bad])
+            shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+            raise ValueError(
+                f"label file {str(path)!r} holds value(s) {shown} that are not classes of this dataset "
+                f"({self.num_classes} classes, 0-{self.num_classes - 1}, ignore {self.ignore_index})"
+            )
 
     @staticmethod
     def _as_uint8(label: np.ndarray, path: Path) -> np.ndarray:

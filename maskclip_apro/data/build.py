@@ -18,39 +18,42 @@ from .synthetic import SyntheticDataset
 from .voc import VOCDataset
 
 _BUILDERS: dict[str, Callable[..., Any]] = {
-    "voc21": lambda root, split, **kw: VOCDataset(root, split, background=True, **kw),
-    "voc20": lambda root, split, **kw: VOCDataset(root, split, background=False, **kw),
-    "context59": lambda root, split, **kw: PascalContextDataset(root, split, num_classes=59, **kw),
-    "context60": lambda root, split, **kw: PascalContextDataset(root, split, num_classes=60, **kw),
-    "cocostuff171": lambda root, split, **kw: COCOStuffDataset(root, split, **kw),
-    "cocoobject81": lambda root, split, **kw: COCOObjectDataset(root, split, **kw),
-    "cityscapes19": lambda root, split, **kw: CityscapesDataset(root, split, **kw),
-    "ade150": lambda root, split, **kw: ADE20KDataset(root, split, **kw),
-    "folder": lambda root, split, **kw: FolderDataset(root, **kw),
+    "voc21": lambda root, split, **kw: VOCDataset(root, split or "val", background=True, **kw),
+    "voc20": lambda root, split, **kw: VOCDataset(root, split or "val", background=False, **kw),
+    "context59": lambda root, split, **kw: PascalContextDataset(root, split or "val", num_classes=59, **kw),
+    "context60": lambda root, split, **kw: PascalContextDataset(root, split or "val", num_classes=60, **kw),
+    "cocostuff171": lambda root, split, **kw: COCOStuffDataset(root, split or "val", **kw),
+    "cocoobject81": lambda root, split, **kw: COCOObjectDataset(root, split or "val", **kw),
+    "cityscapes19": lambda root, split, **kw: CityscapesDataset(root, split or "val", **kw),
+    "ade150": lambda root, split, **kw: ADE20KDataset(root, split or "val", **kw),
+    "folder": lambda root, split, **kw: FolderDataset(root, split=split, **kw),
     "images": lambda root, split, **kw: ImagesDataset(root, **kw),
 }
 _EXTRA_KWARGS: dict[str, tuple[str, ...]] = {
     "synthetic": tuple(p for p in inspect.signature(SyntheticDataset).parameters if p != "split"),
     "voc21": ("label_dir", "limit"),
     "voc20": ("label_dir", "limit"),
-    "folder": ("classes", "limit"),
+    "folder": ("classes", "image_dir", "label_dir", "limit"),
     "images": ("classes", "limit"),
 }
 DATASET_NAMES = ("synthetic", *_BUILDERS)
 
 
 def build_dataset(
-    name: str, root: str | Path | list | None = None, split: str = "val", img_scale: Any = None, **kwargs: Any
+    name: str, root: str | Path | list | None = None, split: str | None = None, img_scale: Any = None, **kwargs: Any
 ):
     """A dataset by name: synthetic, voc21, voc20, context59, context60, cocostuff171,
-    cocoobject81, cityscapes19, ade150, folder (images + label PNGs + class file) or images
-    (a folder, one image or a list of image files; no labels).
+    cocoobject81, cityscapes19, ade150, folder (images + label PNGs + class file, including
+    VOC-style exports such as labelme's) or images (a folder, one image or a list of image
+    files; no labels).
 
-    kwargs: limit (first N samples) for all; label_dir for voc21/voc20; classes for
-    folder/images; num_images, size, seed, ignore_boundary for synthetic. split is
-    ignored by folder and images. img_scale: the dataset's standard keep-ratio scale
-    [long, short] (see maskclip_apro.geometry), or None. Returns an object with len(),
-    [i] -> Sample, class_names, num_classes, ignore_index, has_background and img_scale.
+    split: None gives each dataset's default ("val"; every image for folder, which also uses
+    every image when it has no ImageSets folder); images ignores it. kwargs: limit (first N
+    samples) for all; label_dir for voc21/voc20; classes, image_dir and label_dir for folder;
+    classes for images; num_images, size, seed, ignore_boundary for synthetic. img_scale: the
+    dataset's standard keep-ratio scale [long, short] (see maskclip_apro.geometry), or None.
+    Returns an object with len(), [i] -> Sample, class_names, num_classes, ignore_index,
+    has_background and img_scale.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")
@@ -62,7 +65,7 @@ def build_dataset(
     if name == "synthetic":
         if root is not None:
             raise ValueError(f"dataset 'synthetic' is generated in memory and takes no root, got {root!r}")
-        dataset = SyntheticDataset(split=split, **kwargs)
+        dataset = SyntheticDataset(split=split or "val", **kwargs)
     elif root is None or str(root) == "":
         raise ValueError(f"dataset {name!r} needs a root path (dataset.root=...)")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Item, SegDataset, require
+from .folder import is_hidden
 from .vocab import load_vocab
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -23,7 +24,7 @@ class CityscapesDataset(SegDataset):
         root = require(Path(root), "dataset root")
         image_dir = require(root / "leftImg8bit" / split, "image folder")
         label_dir = require(root / "gtFine" / split, "annotation folder")
-        images = sorted(image_dir.rglob(f"*{IMAGE_SUFFIX}"))
+        images = sorted(p for p in image_dir.rglob(f"*{IMAGE_SUFFIX}") if not is_hidden(p))
         if not images:
             raise FileNotFoundError(f"no *{IMAGE_SUFFIX} images under {str(image_dir)!r}")
         items = []

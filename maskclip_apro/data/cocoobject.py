@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .base import Item, SegDataset, require
+from .folder import is_hidden
 from .io import atomic_write, load_label
 from .vocab import load_vocab
 
@@ -96,7 +97,7 @@ class COCOObjectDataset(SegDataset):
         folder = split if split.endswith("2017") else f"{split}2017"
         image_dir = require(root / "images" / folder, "image folder")
         label_dir = require(root / "annotations" / folder, "annotation folder")
-        images = sorted(image_dir.glob("*.jpg"))
+        images = sorted(p for p in image_dir.glob("*.jpg") if not is_hidden(p))
         if not images:
             raise FileNotFoundError(f"no .jpg images in {str(image_dir)!r}")
         if not any(label_dir.glob(f"*{LABEL_SUFFIX}")):

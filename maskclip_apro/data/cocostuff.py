@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Item, SegDataset, require
+from .folder import is_hidden
 from .vocab import load_vocab
 
 
@@ -20,7 +21,7 @@ class COCOStuffDataset(SegDataset):
         folder = split if split.endswith("2017") else f"{split}2017"
         image_dir = require(root / "images" / folder, "image folder")
         label_dir = require(root / "annotations" / folder, "annotation folder")
-        images = sorted(image_dir.glob("*.jpg"))
+        images = sorted(p for p in image_dir.glob("*.jpg") if not is_hidden(p))
         if not images:
             raise FileNotFoundError(f"no .jpg images in {str(image_dir)!r}")
         items = [Item(p.stem, p, label_dir / f"{p.stem}_labelTrainIds.png") for p in images]

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 
-from .base import IGNORE_INDEX, LabelledBy, Sample, check_limit
+from .base import IGNORE_INDEX, LabelledBy, Sample, Source, check_limit
 
 CLASS_NAMES = ["background", "ball", "box", "kite", "ring"]
 _COLOURS = np.array(
@@ -99,10 +99,19 @@ class SyntheticDataset(LabelledBy):
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, index: int) -> Sample:
+    def _index(self, index: int) -> int:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for SyntheticDataset of length {len(self)}")
-        index %= len(self)
+        return index % len(self)
+
+    def source(self, index: int) -> Source:
+        """Name and generation parameters of sample `index` (see SegDataset.source)."""
+        index = self._index(index)
+        drawn = f"synthetic seed={self.seed} split={self.split} size={self.size} index={index}"
+        return Source(f"synthetic_{self.split}_{index:04d}", drawn, f"{drawn} ignore_boundary={self.ignore_boundary}")
+
+    def __getitem__(self, index: int) -> Sample:
+        index = self._index(index)
         rng = np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), index])
         image, label = self._draw(rng)
         return Sample(f"synthetic_{self.split}_{index:04d}", image, label)

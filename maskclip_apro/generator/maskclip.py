@@ -265,4 +265,5 @@ def build_generator(
         backbone, classifier, display, mean, std, model=clip, logit_scale=logit_scale, mode=mode,
         short_side=short_side, img_scale=img_scale, window=window, stride=stride,
     )
+    gen.identity = identity  # which weights: saved results made with other weights are not reused
     return gen.to(device).eval()

@@ -1,0 +1,174 @@
+"""Types of the command configs, checked once Hydra has composed them.
+
+Hydra hands `panel=no` over as the string "no", which Python treats as true, and passes an
+unknown `+refine.apro.zeta_gg=1` on to the refiner as a keyword it does not take. check_config
+turns each such mistake into one ValueError that names the key, the value and what the key
+accepts. It checks the keys listed here when present (keys added elsewhere are left alone), the
+parameters of the refiner families against the refiners' own arguments, and unset `???` values.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key accepts, in words for the error message, and the test."""
+
+    accepts: str
+    test: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _optional(rule: Rule) -> Rule:
+    return Rule(f"{rule.accepts}, or null", lambda v: v is None or rule.test(v))
+
+
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+TEXT = Rule("a string", lambda v: isinstance(v, str) and v != "")
+VOCAB = Rule(
+    "a vocabulary name (voc21, context59, ...), a class file, or a list of names",
+    lambda v: (isinstance(v, str) and v != "") or (isinstance(v, list) and len(v) > 0),
+)
+
+
+def integer(low: int) -> Rule:
+    return Rule(f"an integer >= {low}", lambda v: _is_int(v) and v >= low)
+
+
+def number(low: float, high: float | None = None, strict_low: bool = False) -> Rule:
+    words = f"a number {'>' if strict_low else '>='} {low}" + ("" if high is None else f" and <= {high}")
+    return Rule(words, lambda v: _is_number(v) and (v > low if strict_low else v >= low) and (high is None or v <= high))
+
+
+def choice(*options: str) -> Rule:
+    return Rule(" or ".join(options), lambda v: v in options)
+
+
+_GENERATOR = {
+    "logit_scale": number(0, strict_low=True),
+    "mode": choice("slide", "whole"),
+    "short_side": _optional(integer(1)),
+    "window": integer(1),
+    "stride": integer(1),
+    "cache_dir": _optional(TEXT),
+}
+COMMON = {
+    "output_dir": TEXT,
+    "max_image_pixels": _optional(integer(1)),
+    **{f"generator.{k}": rule for k, rule in _GENERATOR.items()},
+    **{f"model.{k}": rule for k, rule in _GENERATOR.items() if k != "cache_dir"},
+}
+_INPUTS = {"input": _optional(TEXT), "vocab": VOCAB, "limit": _optional(integer(1)), "on_error": choice("skip", "stop")}
+COMMANDS: dict[str, dict[str, Rule]] = {
+    "refine": {
+        **_INPUTS,
+        "save_probs": BOOL,
+        "panel": BOOL,
+        "overwrite": BOOL,
+        "overlay_alpha": number(0, 1),
+    },
+    "evaluate": dict(_INPUTS),
+    "compare": {**_INPUTS, "panels": integer(0)},
+    "train": {"amp": BOOL, "augment.flip": BOOL, "seed": integer(0), "accum": integer(1), "workers": integer(0)},
+}
+
+
+def check_config(cfg: DictConfig, command: str) -> None:
+    """Raise ValueError naming the first key of `cfg` whose value `command` cannot use."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: pass "
+            + " ".join(f"{key}=..." for key in missing)
+        )
+    for key, rule in {**COMMON, **COMMANDS[command]}.items():
+        node = OmegaConf.select(cfg, key, default=_ABSENT)
+        if node is _ABSENT:
+            continue
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if not rule.test(value):
+            raise ValueError(f"{key}={_show(value)} is not valid: {key} takes {rule.accepts}")
+    _check_device(cfg, allow_auto=command == "train")
+    for family in _refiner_classes():
+        _check_params(cfg, f"refine.{family}", family, exclude=())
+    _check_params(cfg, "target.apro", "apro", exclude=("mode", "guide_long_side"))  # the teacher sets these two
+    if command == "compare":
+        _check_methods(cfg)
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_device(cfg: DictConfig, allow_auto: bool) -> None:
+    """cpu, cuda or cuda:N (and auto for training), and a GPU that exists where one is asked for."""
+    import re
+
+    import torch
+
+    value = cfg.get("device")
+    if value is None:
+        return
+    accepts = ("auto, " if allow_auto else "") + "cpu, cuda or cuda:N"
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?" + ("|auto" if allow_auto else ""), value):
+        raise ValueError(f"device={_show(value)} is not a device: device takes {accepts}")
+    if value.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.partition(":")[2] or 0)
+        if index >= count:
+            found = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s)"
+            raise ValueError(f"device={value} asks for a GPU but torch finds {found}; use device=cpu")
+
+
+def _refiner_classes() -> dict[str, type]:
+    """Refiner family (the config group under refine) -> the class its parameters go to."""
+    from .refiners.apro import APro
+    from .refiners.ks import KeySmoothing
+    from .refiners.pamr import PAMR
+    from .refiners.pd import PromptDenoising
+
+    return {"ks": KeySmoothing, "pd": PromptDenoising, "apro": APro, "pamr": PAMR}
+
+
+def _check_params(cfg: DictConfig, key: str, family: str, exclude: tuple[str, ...]) -> None:
+    """Every key under `key` must be an argument of the family's refiner."""
+    node = OmegaConf.select(cfg, key, default=None)
+    if not isinstance(node, DictConfig):
+        return
+    accepted = [p for p in inspect.signature(_refiner_classes()[family]).parameters if p not in exclude]
+    unknown = [k for k in node if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"{key}.{unknown[0]} is not a parameter of the {family} refiner; it takes {', '.join(accepted)}"
+        )
+
+
+def _check_methods(cfg: DictConfig) -> None:
+    """compare's methods: a mapping of names to lists of refiner step names."""
+    from .refiners.chain import STEPS
+
+    methods = cfg.get("methods")
+    container = OmegaConf.to_container(methods, resolve=True) if OmegaConf.is_config(methods) else methods
+    if not isinstance(container, Mapping) or not container:
+        raise ValueError(f"methods={_show(container)} is not valid: methods maps names to lists of refiner steps")
+    for name, steps in container.items():
+        if not isinstance(steps, list) or any(s not in STEPS for s in steps):
+            raise ValueError(
+                f"methods.{name}={_show(steps)} is not valid: a method is a list of refiner steps from {', '.join(STEPS)}"
+            )
