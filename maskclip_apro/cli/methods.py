@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..config import protocol_name
+from ..config import generator_name, protocol_name
 from ..data.io import atomic_write
 from ..data.palette import voc_palette
 from ..evaluation import ConfusionMatrix
@@ -64,6 +64,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
     k = len(class_names)
     totals = [ConfusionMatrix(k, ignore_index=dataset.ignore_index) for _ in names]
     seconds = np.zeros(len(names))
+    post_seconds = np.zeros(len(names))
     generator_seconds = 0.0
     reused = 0
     warmed = False
@@ -79,7 +80,9 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
                 warmed = True
             preds = segmenter.predict_many(sample.image, chains, keep_probs=False)
             record = {"fingerprint": np.array(tag), "methods": np.array(names)}
-            record["seconds"] = np.array([sum(v for s, v in preds[m].times.items() if s != "generator") for m in names])
+            record["seconds"] = np.array(
+                [sum(v for s, v in preds[m].times.items() if s not in ("generator", "postprocess")) for m in names])
+            record["postprocess_seconds"] = np.array([preds[m].times["postprocess"] for m in names])
             record["generator_seconds"] = np.array(preds[names[0]].times["generator"])
             for j, m in enumerate(names):
                 record[f"cm{j}"] = ConfusionMatrix(k, ignore_index=dataset.ignore_index).update(
@@ -94,30 +97,34 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
         for j in range(len(names)):
             totals[j].matrix += record[f"cm{j}"]
         seconds += record["seconds"]
+        post_seconds += record["postprocess_seconds"]
         generator_seconds += float(record["generator_seconds"])
     n = max(len(dataset), 1)
     return {
         "images": len(dataset),
         "reused": reused,
         "protocol": protocol_name(cfg),
+        "generator": generator_name(cfg),
         "classes": class_names,
         "generator_seconds_per_image": generator_seconds / n,
         "methods": {
-            m: {"steps": list(methods[m]), "seconds_per_image": seconds[j] / n, **totals[j].compute()}
+            m: {"steps": list(methods[m]), "seconds_per_image": seconds[j] / n,
+                "postprocess_seconds_per_image": post_seconds[j] / n, **totals[j].compute()}
             for j, m in enumerate(names)
         },
     }
 
 
 def methods_table(results: dict) -> str:
-    """Markdown: method, mIoU, refiner seconds per image."""
+    """Markdown: method, mIoU, refiner and postprocess seconds per image."""
     lines = [
-        f"MaskCLIP generator, protocol {results['protocol']}: "
+        f"{results.get('generator', 'MaskCLIP')} generator, protocol {results['protocol']}: "
         f"{results['generator_seconds_per_image']:.3f} s/img over {results['images']} images",
         "",
-        "| Method | mIoU (%) | pixel acc (%) | refiner s/img |",
-        "|---|---:|---:|---:|",
+        "| Method | mIoU (%) | pixel acc (%) | refiner s/img | postprocess s/img |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, r in results["methods"].items():
-        lines.append(f"| {name} | {100 * r['mIoU']:.2f} | {100 * r['aAcc']:.2f} | {r['seconds_per_image']:.3f} |")
+        lines.append(f"| {name} | {100 * r['mIoU']:.2f} | {100 * r['aAcc']:.2f} | {r['seconds_per_image']:.3f} "
+                     f"| {r.get('postprocess_seconds_per_image', 0.0):.3f} |")
     return "\n".join(lines)
