@@ -33,6 +33,7 @@ from PIL import Image
 from .refiners import Chain, Guidance
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
+NON_FINITE = "the generator produced NaN or inf class scores; check the model weights (model.pretrained)"
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Segmenter:
         """
         logits = out.logits.float()
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError("the generator produced NaN or inf class scores; check the model weights (model.pretrained)")
+            raise ValueError(NON_FINITE)
         probs = torch.softmax(logits, dim=1)
         return probs, Guidance(image=image, keys=out.keys, features=out.features)
 
@@ -198,7 +199,7 @@ class Segmenter:
                 )
         cos = out.pixel_cos.float()
         if not bool(torch.isfinite(cos).all()):
-            raise ValueError("the generator produced NaN or inf class scores; check the model weights (model.pretrained)")
+            raise ValueError(NON_FINITE)
         probs = torch.softmax(self.generator.logit_scale * cos, dim=1)
         seen = F.interpolate(out.image, size=cos.shape[-2:], mode="bilinear", align_corners=False)
         grid = tuple(out.logits.shape[-2:])

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import rescale_size
-from .maskclip import WINDOW_BATCH, GeneratorOutput
+from .maskclip import WINDOW_BATCH, GeneratorOutput, check_images
 from .slide import centred_padding, harness_resize, slide_boxes, to_original
 from .text import TextClassifier
 
@@ -116,7 +116,9 @@ class HarnessGenerator(nn.Module):
         super().__init__()
         check_harness_settings(short_side, window, stride, pad_to, logit_scale, prob_thd, area_thd)
         if classifier.threshold is not None:
-            raise ValueError("the harness scores background with the class file's names and prob_thd: set background=null")
+            raise ValueError(
+                "the harness scores background with the class file's names and prob_thd: set background=null"
+            )
         if len(class_names) != classifier.num_classes:
             raise ValueError(f"{len(class_names)} class names for a classifier of {classifier.num_classes} classes")
         self.backbone = backbone
@@ -162,11 +164,7 @@ class HarnessGenerator(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> GeneratorOutput:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
-        if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
-            raise ValueError("images must be finite floating-point RGB in [0, 1]")
+        check_images(images)
         size = tuple(images.shape[-2:])
         image = harness_resize(images.to(self.device, torch.float32), (HARNESS_LONG_SIDE, self.short_side))
         height, width = image.shape[-2:]

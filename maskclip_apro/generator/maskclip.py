@@ -65,6 +65,15 @@ class GeneratorOutput:
     pixel_cos: Optional[torch.Tensor] = None
 
 
+def check_images(images: torch.Tensor) -> None:
+    """ValueError unless `images` is a finite floating-point (B, 3, H, W) tensor."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
+    if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
+        raise ValueError("images must be finite floating-point RGB in [0, 1]")
+
+
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets of windows of `window` (clipped to `size`) every `stride`, the last flush with the end."""
     if size <= window:
@@ -165,11 +174,7 @@ class MaskCLIPGenerator(nn.Module):
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """The resized batch (module doc); unchanged if already at the target size."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
-        if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
-            raise ValueError("images must be finite floating-point RGB in [0, 1]")
+        check_images(images)
         size = self.resized_size(images.shape[2], images.shape[3])
         images = images.to(self.device, torch.float32)
         if size == tuple(images.shape[-2:]):

@@ -108,7 +108,7 @@ class ViTDense(nn.Module):
         if not naclip_sigma > 0:
             raise ValueError(f"model.naclip_sigma must be positive, got {naclip_sigma!r}")
         if (mode == "proxyclip") != (vfm is not None):
-            raise ValueError("a vision foundation model (model.vfm) is needed by model.dense=proxyclip and by no other mode")
+            raise ValueError("a vision foundation model (model.vfm) is used by model.dense=proxyclip and no other mode")
         if vfm is not None and (mean is None or std is None):
             raise ValueError("proxyclip needs the input's normalisation mean and std to un-normalise it for the VFM")
         self.visual = visual

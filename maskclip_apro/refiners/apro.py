@@ -63,8 +63,9 @@ class APro:
     Resolutions, relative to the grid of the probabilities (h, w), or guidance.grid when set, and
     capped at the image size (None: the image size): LP and the output run on the normalised
     image resized to `lp_scale` x the grid's long side, GP on it resized to `gp_scale` x (its
-    result is upsampled bilinearly to the output size). The probabilities are resized bilinearly to each. With MaskCLIP's
-    16-px patches, `lp_scale=4` is a stride-4 map (the official heads' masks: stride 4 to 16).
+    result is upsampled bilinearly to the output size). The probabilities are resized bilinearly
+    to each. With MaskCLIP's 16-px patches, `lp_scale=4` is a stride-4 map (the official heads'
+    masks: stride 4 to 16).
 
     `mode`: "parallel" = mean(GP(P), LP(P)) (`targets` returns both, the training targets),
     "gp", "lp", or the cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)). The defaults are
