@@ -120,14 +120,6 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
     )
 
 
-def generator_name(cfg: DictConfig) -> str:
-    """The generator a run config names, for tagging results: MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP, CLIP."""
-    from .generator.dense_attention import DENSE_NAMES
-
-    dense = (cfg.get("model") or {}).get("dense") or "maskclip"
-    return DENSE_NAMES.get(dense, str(dense))
-
-
 def refine_steps(cfg: DictConfig) -> list[str]:
     """The refiner step names of the run's refine preset."""
     return list(cfg.refine.get("steps", []))

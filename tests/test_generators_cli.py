@@ -72,10 +72,11 @@ def test_evaluate_and_refine_under_a_harness_protocol(tmp_path, cache):
                                                 *common, f"output_dir={tmp_path / 'eval'}"]))
     assert results["protocol"] == "naclip" and results["methods"]["refine"]["steps"] == ["pamr_logits"]
     summary = refine.run(compose("refine", ["protocol=proxyclip", "model.dense=proxyclip", "refine=apro", *common,
-                                            f"output_dir={tmp_path / 'refine'}"]))
+                                            f"output_dir={tmp_path / 'refine'}", "panel=true"]))
     assert summary["refined"] == 2 and 0.0 <= summary["metrics"]["mIoU"] <= 1.0
     assert set(summary["seconds_per_image"]) == {"generator", "apro", "postprocess"}
     assert len(list((tmp_path / "refine" / "labels").glob("*.png"))) == 2
+    assert len(list((tmp_path / "refine" / "panels").glob("*.png"))) == 2  # ProxyCLIP, +PAMR, +APro columns
 
 
 def test_a_multirun_over_generators_gives_one_table(tmp_path, cache):

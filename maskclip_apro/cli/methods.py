@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..config import generator_name, protocol_name
+from ..config import protocol_name
 from ..data.io import atomic_write
 from ..data.palette import voc_palette
 from ..evaluation import ConfusionMatrix
@@ -104,7 +104,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
         "images": len(dataset),
         "reused": reused,
         "protocol": protocol_name(cfg),
-        "generator": generator_name(cfg),
+        "generator": segmenter.generator.name,
         "classes": class_names,
         "generator_seconds_per_image": generator_seconds / n,
         "methods": {
