@@ -9,8 +9,11 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(resources.files("maskclip_apro.conf"))
 GENERATOR_KEYS = (
-    "templates", "logit_scale", "mode", "short_side", "img_scale", "window", "stride", "normalize", "cache_dir"
+    "templates", "logit_scale", "mode", "short_side", "img_scale", "window", "stride", "normalize", "cache_dir",
+    "pos_interp",
 )
+HARNESS_KEYS = ("pad_to", "prob_thd", "area_thd", "class_file")  # mode=harness only (generator/harness.py)
+DENSE_KEYS = ("dense", "naclip_sigma", "proxy", "vfm")  # the model block's last-block settings
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -57,23 +60,44 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """build_generator's keyword arguments from a run config.
+    """build_generator's keyword arguments from a run config (class_file left as a name).
 
-    The `generator` block (conf/_run.yaml plus the protocol), overridden by the same keys in the
-    model preset; with generator.dataset_scale, the img_scale of the run's dataset (when it has
-    one and no `input` replaces it) replaces generator.img_scale; model.act / model.ln_eps set
-    the image tower.
+    In order, later winning: the `generator` block (conf/_run.yaml plus the protocol); under
+    mode=harness, the protocol's `generator.per_dataset` entry for the run's dataset (when no
+    `input` replaces the dataset); otherwise, with generator.dataset_scale, the dataset's own
+    img_scale; then the same generator keys in the model preset. model.act / model.ln_eps set
+    the image tower, model.dense and its parameters the last block. The harness keys (pad_to,
+    prob_thd, area_thd, class_file) are dropped unless mode=harness, so a command that runs the
+    generator on whole crops (train) can use a harness protocol's normalisation and templates.
     """
+    keys = GENERATOR_KEYS + HARNESS_KEYS
     merged: dict[str, Any] = {}
-    for block in (cfg.get("generator"), cfg.get("model")):
-        if block is not None:
-            merged.update({k: v for k, v in OmegaConf.to_container(block, resolve=True).items() if k in GENERATOR_KEYS})
-    generator, model, dataset = cfg.get("generator") or {}, cfg.get("model") or {}, cfg.get("dataset")
-    if generator.get("dataset_scale") and dataset is not None and not cfg.get("input"):
-        if dataset.get("img_scale") is not None:
-            merged["img_scale"] = OmegaConf.to_container(dataset.img_scale, resolve=True)
+    generator = cfg.get("generator") or {}
+    if generator:
+        merged.update({k: v for k, v in OmegaConf.to_container(generator, resolve=True).items() if k in keys})
+    model, dataset = cfg.get("model") or {}, cfg.get("dataset")
+    dataset_name = None if dataset is None or cfg.get("input") else dataset.get("name")
+    harness = merged.get("mode") == "harness"
+    if harness and dataset_name is not None and generator.get("per_dataset") is not None:
+        table = OmegaConf.to_container(generator.per_dataset, resolve=True)
+        entry = table.get(dataset_name) or {}
+        unknown = sorted(set(entry) - set(keys))
+        if unknown:
+            raise ValueError(f"generator.per_dataset.{dataset_name} sets {unknown}; it takes {list(keys)}")
+        merged.update(entry)
+    elif generator.get("dataset_scale") and dataset_name is not None and dataset.get("img_scale") is not None:
+        merged["img_scale"] = OmegaConf.to_container(dataset.img_scale, resolve=True)
+    if model:
+        merged.update({k: v for k, v in OmegaConf.to_container(model, resolve=True).items() if k in GENERATOR_KEYS})
+    if not harness:
+        for key in HARNESS_KEYS:
+            merged.pop(key, None)
     for key in ("act", "ln_eps"):
         merged[key] = model.get(key)
+    for key in DENSE_KEYS:
+        if model.get(key) is not None:
+            value = model.get(key)
+            merged[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     background = cfg.get("background")
     if background is not None:
         merged["background"] = OmegaConf.to_container(background, resolve=True)
@@ -87,12 +111,25 @@ def protocol_name(cfg: DictConfig) -> str:
 
 
 def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
-    """The MaskCLIP generator named by cfg.model, for `class_names`, on cfg.device."""
+    """The generator named by cfg.model and the protocol, for `class_names`, on cfg.device.
+
+    Under mode=harness a `class_file` (a built-in name such as voc21_sclip, or a path) gives the
+    text of each class; it must have one line per class of `class_names`.
+    """
+    from .data.class_file import read_class_file
     from .generator import build_generator
 
+    kwargs = generator_kwargs(cfg)
+    class_file = kwargs.pop("class_file", None)
+    if class_file is not None:
+        lines = read_class_file(class_file)
+        if len(lines) != len(class_names):
+            raise ValueError(
+                f"generator.class_file {class_file!r} has {len(lines)} classes but the run has {len(class_names)}"
+            )
+        kwargs["class_lines"] = lines
     return build_generator(
-        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"),
-        **generator_kwargs(cfg),
+        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"), **kwargs
     )
 
 

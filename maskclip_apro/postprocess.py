@@ -22,24 +22,31 @@ from typing import Optional
 import torch
 
 
-def class_probabilities(
-    name_logits: torch.Tensor, owner: torch.Tensor, num_classes: int, logit_scale: float
-) -> torch.Tensor:
-    """(B, M, H, W) query logits -> (B, K, H, W) class probabilities (module doc, steps 1-2)."""
-    owner = torch.as_tensor(owner, dtype=torch.long, device=name_logits.device)
-    if name_logits.dim() != 4 or owner.shape != (name_logits.shape[1],):
+def class_max(query_probs: torch.Tensor, owner: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, M, H, W) query probabilities -> (B, K, H, W): each class the max over its queries (step 2)."""
+    owner = torch.as_tensor(owner, dtype=torch.long, device=query_probs.device)
+    if query_probs.dim() != 4 or owner.shape != (query_probs.shape[1],):
         raise ValueError(
-            f"name_logits (B, M, H, W) and owner (M,) disagree: {tuple(name_logits.shape)} vs {tuple(owner.shape)}"
+            f"query maps (B, M, H, W) and owner (M,) disagree: {tuple(query_probs.shape)} vs {tuple(owner.shape)}"
         )
     if owner.numel() and (int(owner.min()) < 0 or int(owner.max()) >= num_classes):
         raise ValueError(f"owner holds class indices outside [0, {num_classes})")
     missing = sorted(set(range(num_classes)) - set(owner.tolist()))
     if missing:
         raise ValueError(f"classes {missing[:5]} have no query")
-    probs = torch.softmax(logit_scale * name_logits, dim=1)
-    b, _, h, w = probs.shape
-    out = probs.new_zeros(b, num_classes, h, w)
-    return out.scatter_reduce_(1, owner.view(1, -1, 1, 1).expand_as(probs), probs, reduce="amax", include_self=True)
+    b, _, h, w = query_probs.shape
+    out = query_probs.new_zeros(b, num_classes, h, w)
+    index = owner.view(1, -1, 1, 1).expand_as(query_probs)
+    return out.scatter_reduce_(1, index, query_probs, reduce="amax", include_self=True)
+
+
+def class_probabilities(
+    name_logits: torch.Tensor, owner: torch.Tensor, num_classes: int, logit_scale: float
+) -> torch.Tensor:
+    """(B, M, H, W) query logits -> (B, K, H, W) class probabilities (module doc, steps 1-2)."""
+    if name_logits.dim() != 4:
+        raise ValueError(f"query logits must be (B, M, H, W), got {tuple(name_logits.shape)}")
+    return class_max(torch.softmax(logit_scale * name_logits, dim=1), owner, num_classes)
 
 
 def area_filter(probs: torch.Tensor, area_thd: float) -> torch.Tensor:

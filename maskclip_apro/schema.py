@@ -59,10 +59,10 @@ def choice(*options: str) -> Rule:
 
 _GENERATOR = {
     "logit_scale": number(0, strict_low=True),
-    "mode": choice("slide", "whole"),
+    "mode": choice("slide", "whole", "harness"),
     "short_side": _optional(integer(1)),
-    "window": integer(1),
-    "stride": integer(1),
+    "window": _optional(integer(1)),
+    "stride": _optional(integer(1)),
     "cache_dir": _optional(TEXT),
 }
 COMMON = {
@@ -104,7 +104,6 @@ def check_config(cfg: DictConfig, command: str) -> None:
     _check_device(cfg, allow_auto=command == "train")
     for family in _refiner_classes():
         _check_params(cfg, f"refine.{family}", family, exclude=())
-    _check_params(cfg, "target.apro", "apro", exclude=("mode", "guide_long_side"))  # the teacher sets these two
     if command == "compare":
         _check_methods(cfg)
 

@@ -1,8 +1,21 @@
-"""The predictor: MaskCLIP unary, a refiner chain, labels at the input size.
+"""The predictor: a dense unary (MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP), a refiner chain,
+labels at the input size.
 
     seg = Segmenter.from_pretrained(model="vit_b16", vocab="voc21", refine="apro")
     pred = seg(Image.open("cat.jpg"))
     pred.labels, pred.probs
+
+    seg = Segmenter.from_pretrained(model="vit_b16", vocab="voc21", refine="none",
+                                    overrides=["protocol=naclip", "model.dense=naclip"])
+
+Under MaskCLIP's protocols (whole image, slide) the refiners get softmax(s * logits) on the
+patch grid and the labels are the argmax of the upsampled result (of the logits when no refiner
+runs, as mmseg upsamples MaskCLIP's head output). Under the SCLIP-family harness
+(generator mode "harness") they get the probabilities of every text query at the image size,
+softmax(s * pixel_cos), with guidance.image the resized image the model saw brought back to the
+image size (what the harness's PAMR reads) and guidance.grid its patch grid; after them each
+class takes the max over its queries and the harness's area_thd and prob_thd give the labels
+(postprocess.py). Probabilities a chain returns at another size are resized bilinearly first.
 """
 
 from __future__ import annotations
@@ -21,11 +34,16 @@ from .data.io import load_image
 from .refiners import Chain, Guidance
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
+NON_FINITE = "the generator produced NaN or inf class scores; check the model weights (model.pretrained)"
 
 
 @dataclass
 class Prediction:
-    """labels (H, W) int64 at the input size; probs (K, h, w) refined, at the refiner's resolution."""
+    """labels (H, W) int64 at the input size; probs (K, h, w) refined, at the refiner's resolution
+    (under the harness: the class probabilities at the input size, after area_thd).
+
+    times: seconds per stage: "generator", each refiner by name, "postprocess" (probabilities to labels).
+    """
 
     labels: np.ndarray
     probs: torch.Tensor
@@ -149,7 +167,7 @@ def _possible_classes(block: torch.Tensor, last_row: bool, last_col: bool) -> li
 
 
 class Segmenter:
-    """Generator (MaskCLIP) followed by a refiner chain."""
+    """Generator followed by a refiner chain (module doc)."""
 
     def __init__(self, generator: Any, refiner: Optional[Chain] = None) -> None:
         self.generator = generator
@@ -181,7 +199,12 @@ class Segmenter:
 
     @torch.no_grad()
     def unary(self, image: torch.Tensor):
-        """Generator output for a (B, 3, H, W) batch in [0, 1]: .logits (B, K, h, w), .keys, .features (B, D, h, w)."""
+        """Generator output (generator.GeneratorOutput) for a (B, 3, H, W) batch in [0, 1].
+
+        .logits (B, K, h, w), .keys (B, C, h, w), .features (B, D, h, w) the dense projected
+        features before normalisation, .image the resized input; under the harness also
+        .pixel_cos (B, M, H, W).
+        """
         return self.generator(image)
 
     @staticmethod
@@ -193,7 +216,7 @@ class Segmenter:
         """
         logits = out.logits.float()
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError("the generator produced NaN or inf class scores; check the model weights (model.pretrained)")
+            raise ValueError(NON_FINITE)
         probs = torch.softmax(logits, dim=1)
         return probs, Guidance(image=image, keys=out.keys, features=out.features)
 
@@ -203,8 +226,9 @@ class Segmenter:
     ) -> dict[str, Prediction]:
         """Run the generator once and every chain on the same unary (the compare table's protocol).
 
-        Labels are the argmax of bilinearly upsampled scores: the refined probabilities, or the
-        generator's logits for a chain without refiners (as mmseg upsamples MaskCLIP's head output).
+        Labels as the module doc says: the argmax of bilinearly upsampled scores (the refined
+        probabilities, or the generator's logits for a chain without refiners), or the
+        harness's postprocess.
         """
         array = load_image(image)
         device = getattr(self.generator, "device", "cpu")
@@ -212,20 +236,59 @@ class Segmenter:
         start = time.perf_counter()
         out = self.unary(image_tensor)
         generator_time = time.perf_counter() - start
-        probs0, guidance = self.probabilities(out, image_tensor)
+        harness = getattr(out, "pixel_cos", None) is not None
+        if harness:
+            probs0, guidance = self.harness_probabilities(out, chains)
+        else:
+            probs0, guidance = self.probabilities(out, image_tensor)
         predictions = {}
         for name, chain in chains.items():
             probs = chain(probs0, guidance)
-            # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
-            scores = probs if chain.refiners else out.logits.float()
-            labels = labels_at(scores, array.shape[:2])[0].cpu().numpy().astype(np.int64)
+            start = time.perf_counter()
+            if harness:
+                probs, labels = self.harness_labels(probs, array.shape[:2])
+            else:
+                # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
+                labels = labels_at(probs if chain.refiners else out.logits.float(), array.shape[:2])
+            labels = labels[0].cpu().numpy().astype(np.int64)
             predictions[name] = Prediction(
                 labels=labels,
                 probs=probs[0].cpu() if keep_probs else torch.empty(0),
                 class_names=self.class_names,
-                times={"generator": generator_time, **chain.last_times},
+                times={"generator": generator_time, **chain.last_times, "postprocess": time.perf_counter() - start},
             )
         return predictions
+
+    def harness_probabilities(self, out: Any, chains: Mapping[str, Chain]) -> tuple[torch.Tensor, Guidance]:
+        """The harness's query probabilities softmax(s * pixel_cos) at the image size, and the guidance."""
+        from .refiners.ks import KeySmoothing
+
+        for name, chain in chains.items():
+            if any(isinstance(r, KeySmoothing) for r in chain.refiners):
+                raise ValueError(
+                    f"{name!r} runs key smoothing, which needs probabilities on the keys' patch grid; the "
+                    f"{self.generator.name} harness hands the refiners probabilities at the image size: drop 'ks' "
+                    "(methods=harness lists the harness's rows)"
+                )
+        cos = out.pixel_cos.float()
+        if not bool(torch.isfinite(cos).all()):
+            raise ValueError(NON_FINITE)
+        probs = torch.softmax(self.generator.logit_scale * cos, dim=1)
+        seen = F.interpolate(out.image, size=cos.shape[-2:], mode="bilinear", align_corners=False)
+        grid = tuple(out.logits.shape[-2:])
+        return probs, Guidance(image=seen, keys=out.keys, features=out.features, grid=grid)
+
+    def harness_labels(self, probs: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query probabilities (B, M, h, w) -> class probabilities (B, K, H, W) after area_thd, and labels (B, H, W)."""
+        from .postprocess import area_filter, class_max, threshold_labels
+
+        gen = self.generator
+        if tuple(probs.shape[-2:]) != tuple(size):
+            probs = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
+        probs = class_max(probs, gen.owner, gen.num_classes)
+        if gen.area_thd is not None:
+            probs = area_filter(probs, gen.area_thd)
+        return probs, threshold_labels(probs, gen.prob_thd)
 
     def __call__(self, image: ImageLike) -> Prediction:
         """Labels and refined probabilities for one image (path, PIL image or uint8 array)."""

@@ -180,20 +180,91 @@ def test_keys_are_out_projected_patch_keys(visual):
         torch.testing.assert_close(as_tokens(keys), want, atol=1e-12, rtol=1e-12)
 
 
-def test_maskclip_mode_equals_generator_vitdense_bit_for_bit():
-    clip, _ = load_clip("tiny_vit", None)
-    visual = clip.visual
+def todays_vit_dense(visual, x):
+    """The generator's ViT forward before the dense modes were wired in (transcribed from its code):
+    corner padding, size-driven bicubic positional embeddings, blocks[:-1], then the value path."""
+    from maskclip_apro.generator.vit import interpolate_pos_embed, pad_to_multiple
+
+    tokens = visual.conv1(pad_to_multiple(x, 16))
+    b, c, gh, gw = tokens.shape
+    tokens = tokens.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(tokens.dtype).expand(b, 1, c)
+    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (gh, gw))
+    tokens = visual.ln_pre(torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype))
+    for block in visual.transformer.resblocks[:-1]:
+        tokens = block(tokens)
+    last = visual.transformer.resblocks[-1]
+    patches = tokens[:, 1:]
+    y = last.ln_1(patches)
+    _, w_k, w_v = last.attn.in_proj_weight.chunk(3)
+    _, b_k, b_v = last.attn.in_proj_bias.chunk(3)
+    keys = last.attn.out_proj(F.linear(y, w_k, b_k))
+    out = patches + last.ls_1(last.attn.out_proj(F.linear(y, w_v, b_v)))
+    out = out + last.ls_2(last.mlp(last.ln_2(out)))
+    feats = visual.ln_post(out) @ visual.proj
+    return feats.transpose(1, 2).reshape(b, -1, gh, gw), keys.transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+def test_maskclip_mode_is_todays_generator_bit_for_bit(tmp_path):
+    """model.dense=maskclip (the default) gives the generator's features, keys and logits as they were."""
+    from maskclip_apro.config import build_generator_from_config, compose
+
+    cfg = compose("compare", ["model=tiny_vit", "model.short_side=null", "generator.img_scale=[96, 64]",
+                              f"generator.cache_dir={tmp_path}"])
+    gen = build_generator_from_config(cfg, ["cat", "dog", "grass"])
+    assert gen.backbone.mode == "maskclip" and gen.backbone.pos_interp == "size" and gen.name == "MaskCLIP"
     torch.manual_seed(2)
-    images = torch.randn(2, 3, 64, 48)
-    seen = {}  # the tokens entering the last block, as ViTDense feeds them
-    hook = visual.transformer.resblocks[-2].register_forward_hook(lambda m, args, out: seen.setdefault("x", out))
+    image = torch.rand(2, 3, 50, 70)
+    out = gen(image)
+    with torch.no_grad():
+        feats, keys = todays_vit_dense(gen.backbone.visual, (out.image - gen.mean) / gen.std)
+    assert torch.equal(out.features, feats) and torch.equal(out.keys, keys)
+    assert torch.equal(out.logits, gen.classifier(F.normalize(feats, dim=1), gen.logit_scale))
+
+    seen = {}  # and ViTDense is dense_last_block on the tokens it feeds the last block
+    visual = gen.backbone.visual
+    hook = visual.transformer.resblocks[-2].register_forward_hook(lambda m, args, o: seen.setdefault("x", o))
     try:
-        want_feats, want_keys = ViTDense(visual)(images)
+        want_feats, want_keys = ViTDense(visual)(torch.randn(2, 3, 64, 48))
     finally:
         hook.remove()
     feats, keys = dense_last_block(visual, seen["x"], (4, 3), "maskclip")
-    assert torch.equal(feats, want_feats)
-    assert torch.equal(keys, want_keys)  # both through the attention's output projection
+    assert torch.equal(feats, want_feats) and torch.equal(keys, want_keys)
+
+
+@pytest.mark.parametrize("mode", ["sclip", "clearclip", "naclip"])
+def test_vitdense_runs_each_mode_on_the_tokens_it_builds(visual, mode):
+    dense = ViTDense(visual, mode, pos_interp="offset", remainder="drop", naclip_sigma=1.5)
+    images = torch.randn(2, 3, 50, 75, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    feats, _ = dense(images)
+    assert feats.shape[-2:] == dense.grid(50, 75) == (3, 4)  # the remainder past whole patches is dropped
+    x, grid = dense.tokens(images[..., :48, :64])
+    assert grid == (3, 4)
+    pos = interpolate_pos_embed_offset(visual.positional_embedding, (4, 4), (3, 4))
+    stem = visual.conv1(images[..., :48, :64]).flatten(2).transpose(1, 2)
+    first = visual.ln_pre(torch.cat([visual.class_embedding.expand(2, 1, -1), stem], 1) + pos)
+    torch.testing.assert_close(x, visual.transformer.resblocks[0](first), atol=1e-12, rtol=0)
+    torch.testing.assert_close(as_tokens(feats), oracle(visual, x, grid, mode, sigma=1.5), atol=1e-10, rtol=1e-10)
+
+
+def test_dense_backbone_settings_are_checked(visual):
+    from maskclip_apro.generator.maskclip import build_dense_backbone
+    from maskclip_apro.generator.models import load_clip as load
+
+    with pytest.raises(ValueError, match="model.dense must be one of"):
+        ViTDense(visual, "gem")
+    with pytest.raises(ValueError, match="pos_interp"):
+        ViTDense(visual, pos_interp="nearest")
+    with pytest.raises(ValueError, match="model.vfm"):
+        ViTDense(visual, "proxyclip")
+    with pytest.raises(ValueError, match="naclip_sigma"):
+        ViTDense(visual, "naclip", naclip_sigma=0)
+    with pytest.raises(ValueError, match="model.proxy takes beta and gamma"):
+        build_dense_backbone(visual, "sclip", proxy={"delta": 1})
+    resnet, _ = load("tiny_resnet", None)
+    with pytest.raises(ValueError, match="ResNet tower has none"):
+        build_dense_backbone(resnet.visual, "naclip")
+    assert build_dense_backbone(resnet.visual, "maskclip").patch_size == 32
 
 
 # ---------------------------------------------------------------- invariants

@@ -1,21 +1,29 @@
-"""SCLIP-family harness pieces: class files, logits -> probabilities -> labels (prob_thd, area_thd),
-slide geometry in pixel space, the test-pipeline resize, and PAMR on logits."""
+"""The SCLIP-family harness: class files, logits -> probabilities -> labels (prob_thd, area_thd),
+slide geometry in pixel space, the test-pipeline resize, PAMR on logits (function and chain
+step), and the harness generator and Segmenter against transcriptions of their loops."""
 
 from __future__ import annotations
 
 import math
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from maskclip_apro.data import load_vocab
 from maskclip_apro.data.class_file import CLASS_FILES, class_queries, parse_class_lines, read_class_file
+from maskclip_apro.generator import build_generator
+from maskclip_apro.generator.dense_attention import dense_last_block
+from maskclip_apro.generator.harness import HarnessGenerator
+from maskclip_apro.generator.pos_embed import interpolate_pos_embed_offset
 from maskclip_apro.generator.slide import centred_padding, harness_resize, slide_average, slide_boxes, to_original
+from maskclip_apro.geometry import rescale_size
 from maskclip_apro.postprocess import area_filter, class_probabilities, harness_labels, threshold_labels
+from maskclip_apro.refiners import Guidance
 from maskclip_apro.refiners.pamr import pamr
-from maskclip_apro.refiners.pamr_logits import pamr_logits
+from maskclip_apro.refiners.pamr_logits import PAMRLogits, pamr_logits
 
 # ---------------------------------------------------------------- class files
 
@@ -328,9 +336,7 @@ def test_pamr_logits_keeps_dtype_and_checks_input():
 
 @pytest.mark.parametrize("mode", ["naclip", "proxyclip"])
 def test_harness_pieces_compose_on_tiny_models(mode):
-    from maskclip_apro.generator.dense_attention import dense_last_block
     from maskclip_apro.generator.models import image_mean_std, load_clip
-    from maskclip_apro.generator.pos_embed import interpolate_pos_embed_offset
     from maskclip_apro.generator.vfm import load_vfm
 
     clip, _ = load_clip("tiny_vit", None)
@@ -363,3 +369,204 @@ def test_harness_pieces_compose_on_tiny_models(mode):
     assert resized.shape[-2:] == (48, 62) and logits.shape == (1, 5, 70, 90)
     assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90) and bool(torch.isfinite(probs).all())
     assert int(labels.min()) >= 0 and int(labels.max()) <= 2
+
+
+# ---------------------------------------------------------------- the harness generator (generator/harness.py)
+
+
+LINES = ["sky, wall", "cat", "dog, puppy"]
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("text_cache")
+
+
+def harness_generator(cache, mode="sclip", **kw):
+    settings = dict(mode="harness", templates="clip", normalize="model", pos_interp="offset", short_side=48, window=32,
+                    stride=16, logit_scale=40.0, dense=mode, vfm={"name": "tiny_dino", "pretrained": None})
+    settings.update(kw)
+    return build_generator("tiny_vit", None, ["background", "cat", "dog"], class_lines=LINES, cache_dir=str(cache),
+                           **settings)
+
+
+def their_forward_feature(gen, mode):
+    """Their forward_feature on one crop, as the map on its patch grid: CLIP's conv1 (remainder dropped), the
+    (g + 0.1) positional rule, the last block of `mode`, features normalised against every query."""
+    visual = gen.model.visual
+    text = gen.classifier.embeddings
+
+    def crop_fn(crop):
+        b = crop.shape[0]
+        x = visual.conv1(crop)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        pos = interpolate_pos_embed_offset(visual.positional_embedding, (4, 4), grid)
+        x = visual.ln_pre(torch.cat([visual.class_embedding.expand(b, 1, -1), x], 1) + pos)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        extra = {}
+        if mode == "proxyclip":  # ProxyCLIP: the VFM sees norm(unnorm(crop)), the whole padded crop
+            extra = {"vfm_features": gen.backbone.vfm(crop * gen.std + gen.mean)}
+        feats, _ = dense_last_block(visual, x, grid, mode, **extra)
+        return torch.einsum("bdhw,md->bmhw", F.normalize(feats, dim=1), text)
+
+    return crop_fn
+
+
+@pytest.mark.parametrize(
+    "mode,size,window,stride,pad_to",
+    [("sclip", (50, 70), 32, 16, None), ("naclip", (45, 81), None, None, None), ("clearclip", (50, 70), 40, 24, "patch"),
+     ("proxyclip", (50, 70), 48, 16, 56), ("maskclip", (61, 50), 32, 16, None)],
+)
+def test_pixel_cos_equals_their_slide_loop(text_cache, mode, size, window, stride, pad_to):
+    gen = harness_generator(text_cache, mode, window=window, stride=stride, pad_to=pad_to)
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(11))
+    out = gen(image)
+    resized = F.interpolate(image, size=rescale_size(*size, (2048, 48)), mode="bilinear", align_corners=False)
+    normed = (resized - gen.mean) / gen.std
+    h, w = normed.shape[-2:]
+    pad = 16 if pad_to == "patch" else pad_to
+    with torch.no_grad():
+        want = their_slide(normed, their_forward_feature(gen, mode), window or max(h, w), stride or 1, pad)
+    want = F.interpolate(want, size=size, mode="bilinear")
+    assert out.pixel_cos.shape == (1, 5, *size)
+    torch.testing.assert_close(out.pixel_cos, want, atol=2e-5, rtol=1e-4)
+    assert torch.equal(out.image, resized)
+
+
+def test_grid_outputs_of_one_window_are_the_backbones(text_cache):
+    """An image of whole patches in one window: every cell centre is a patch centre, so the grid
+    outputs are the backbone's own maps; logits = logit_scale x the max over each class's queries."""
+    gen = harness_generator(text_cache, "naclip", short_side=64, window=None)
+    image = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(12))
+    out = gen(image)
+    feats, keys = gen.backbone((image - gen.mean) / gen.std)
+    assert out.features.shape == (2, 32, 4, 6) and out.keys.shape == (2, 64, 4, 6)
+    torch.testing.assert_close(out.features, feats, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.keys, keys, atol=1e-6, rtol=1e-6)
+    cos = torch.einsum("bdhw,md->bmhw", F.normalize(feats, dim=1), gen.classifier.embeddings)
+    want = torch.stack([cos[:, :2].amax(1), cos[:, 2], cos[:, 3:].amax(1)], dim=1) * 40.0
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_outputs_of_aligned_windows_are_the_patch_grid_average(text_cache):
+    """Windows on whole patches: the cell average is the MaskCLIP generator's patch-grid stitching."""
+    gen = harness_generator(text_cache, "sclip", short_side=64, window=64, stride=32)
+    slide = build_generator("tiny_vit", None, ["background", "cat", "dog"], class_lines=LINES, mode="slide",
+                            short_side=64, window=64, stride=32, templates="clip", normalize="model",
+                            pos_interp="offset", dense="sclip", cache_dir=str(text_cache))
+    image = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(13))
+    a, b = gen(image), slide(image)
+    torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_the_vfm_sees_the_uncut_crop_unnormalised(text_cache):
+    gen = harness_generator(text_cache, "proxyclip", short_side=40, window=40, stride=20, pad_to=56)
+    seen = []
+    hook = gen.backbone.vfm.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        gen(torch.full((1, 3, 40, 40), 0.3))
+    finally:
+        hook.remove()
+    (rgb,) = seen
+    assert rgb.shape == (1, 3, 56, 56)  # padded to 56 (a multiple of DINO's 8); CLIP drops 56 mod 16
+    torch.testing.assert_close(rgb[..., 8:48, 8:48], torch.full((1, 3, 40, 40), 0.3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rgb[..., :8, :], gen.mean.expand(1, 3, 8, 56), atol=1e-6, rtol=0)  # zero = the mean
+
+
+def test_harness_settings_are_checked(text_cache):
+    with pytest.raises(ValueError, match="background"):
+        harness_generator(text_cache, background={"mode": "threshold", "thresh": 0.5})
+    with pytest.raises(ValueError, match="pad_to"):
+        harness_generator(text_cache, pad_to=0)
+    with pytest.raises(ValueError, match="prob_thd"):
+        harness_generator(text_cache, prob_thd=1.5)
+    with pytest.raises(ValueError, match="stride"):
+        harness_generator(text_cache, window=32, stride=64)
+    with pytest.raises(ValueError, match="harness"):
+        build_generator("tiny_vit", None, ["a", "b"], prob_thd=0.1, cache_dir=str(text_cache))
+    with pytest.raises(ValueError, match="3 class lines for 2 classes"):
+        build_generator("tiny_vit", None, ["a", "b"], class_lines=LINES, mode="harness", short_side=48,
+                        cache_dir=str(text_cache))
+    assert isinstance(harness_generator(text_cache), HarnessGenerator)
+
+
+# ---------------------------------------------------------------- PAMR on logits as a chain step
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_pamr_logits_step_on_probabilities_equals_pamr_on_the_logits(dtype, tol):
+    """softmax(PAMR(log p)) = softmax(s PAMR(z)) for p = softmax(s z): PAMR mixes every channel alike."""
+    g = torch.Generator().manual_seed(14)
+    z = (torch.randn(1, 5, 30, 34, generator=g, dtype=torch.float64) * 0.15).to(dtype)
+    image = torch.randn(1, 3, 30, 34, generator=g, dtype=torch.float64).to(dtype)
+    step = PAMRLogits(dilations=(1, 2), iters=3)
+    got = step(torch.softmax(65.0 * z, 1), Guidance(image=image))
+    want = torch.softmax(65.0 * pamr_logits(z, image, dilations=(1, 2), iters=3), 1)
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    # from a coarse grid: the logits upsampled to the guidance image first (bilinear commutes too)
+    coarse = z[..., ::5, ::5]
+    got = step(torch.softmax(65.0 * coarse, 1), Guidance(image=image))
+    up = F.interpolate(coarse, size=(30, 34), mode="bilinear", align_corners=False)
+    want = torch.softmax(65.0 * pamr_logits(up, image, dilations=(1, 2), iters=3), 1)
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
+def test_pamr_logits_step_is_a_chain_step():
+    from maskclip_apro.refiners import Chain, build_refiner
+
+    step = build_refiner("pamr_logits", {"pamr": {"dilations": [1], "iters": 2}})
+    assert isinstance(step, PAMRLogits) and step.dilations == (1,) and step.iters == 2
+    chain = Chain.from_steps(["pamr_logits"], {})
+    out = chain(torch.softmax(torch.randn(1, 3, 4, 5), 1), Guidance(image=torch.rand(1, 3, 16, 20)))
+    assert out.shape == (1, 3, 16, 20) and torch.allclose(out.sum(1), torch.ones(1, 16, 20))
+    with pytest.raises(ValueError, match="guidance.image"):
+        step(torch.rand(2, 3, 4, 4), Guidance(image=torch.rand(1, 3, 4, 4)))
+
+
+# ---------------------------------------------------------------- the Segmenter under the harness
+
+
+def test_segmenter_labels_are_the_harness_postprocess_with_and_without_pamr(text_cache):
+    from maskclip_apro import Segmenter
+    from maskclip_apro.refiners import Chain
+
+    seg = Segmenter(harness_generator(text_cache, "sclip", prob_thd=0.4, area_thd=0.1))
+    image = (torch.rand(45, 61, 3, generator=torch.Generator().manual_seed(15)) * 255).to(torch.uint8).numpy()
+    chains = {"plain": Chain([]), "+PAMR": Chain.from_steps(["pamr_logits"], {})}
+    preds = seg.predict_many(image, chains)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    out = seg.unary(x)
+    owner = seg.generator.owner
+    probs, labels = harness_labels(out.pixel_cos, owner, 3, logit_scale=40.0, prob_thd=0.4, area_thd=0.1)
+    assert np.array_equal(preds["plain"].labels, labels[0].numpy())
+    assert torch.equal(preds["plain"].probs, probs[0])
+    # their PAMR: on the logits at the image size, guided by the normalised network input resized to it
+    normed = (out.image - seg.generator.mean) / seg.generator.std
+    probs, labels = harness_labels(pamr_logits(out.pixel_cos, normed), owner, 3, 40.0, 0.4, 0.1)
+    torch.testing.assert_close(preds["+PAMR"].probs, probs[0], atol=1e-5, rtol=0)
+    top2 = probs[0].topk(2, dim=0).values
+    clear = (top2[0] - top2[1] > 1e-4) & ((probs[0].amax(0) - 0.4).abs() > 1e-4)
+    assert np.array_equal(preds["+PAMR"].labels[clear.numpy()], labels[0][clear].numpy())
+    assert set(preds["plain"].times) == {"generator", "postprocess"}
+    assert set(preds["+PAMR"].times) == {"generator", "pamr_logits", "postprocess"}
+
+
+def test_apro_under_the_harness_works_at_its_scale_of_the_patch_grid(text_cache):
+    from maskclip_apro import Segmenter
+    from maskclip_apro.refiners import Chain
+    from maskclip_apro.refiners.apro import work_size
+
+    seg = Segmenter(harness_generator(text_cache, "naclip"))
+    image = (torch.rand(90, 120, 3, generator=torch.Generator().manual_seed(16)) * 255).to(torch.uint8).numpy()
+    out = seg.unary(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+    probs, guidance = seg.harness_probabilities(out, {})
+    assert guidance.grid == (3, 4) and probs.shape == (1, 5, 90, 120)  # 48 x 64 resized, 16-px cells
+    apro = Chain.from_steps(["apro"], {"apro": {"lp_scale": 4.0, "gp_scale": 2.0, "iters": 2}})
+    assert apro(probs, guidance).shape[-2:] == work_size((90, 120), (3, 4), 4.0) == (12, 16)
+    pred = seg.predict_many(image, {"+APro": apro})["+APro"]
+    assert pred.labels.shape == (90, 120) and pred.probs.shape == (3, 90, 120)
+    with pytest.raises(ValueError, match="key smoothing"):
+        seg.predict_many(image, {"+KS": Chain.from_steps(["ks"], {})})

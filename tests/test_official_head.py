@@ -232,6 +232,6 @@ def test_generator_logits_are_the_official_cosine_on_the_keep_ratio_image(genera
     text = gen.classifier.embeddings.double()  # one name per class here
     cosine = torch.einsum("bdhw,kd->bkhw", unit, text)
     assert out.image.shape[-2:] == size
-    torch.testing.assert_close(out.features.double(), unit, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.features.double(), feats, atol=1e-4, rtol=1e-4)  # before normalisation
     torch.testing.assert_close(out.keys.double(), keys, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.logits.double(), 100.0 * cosine, atol=1e-3, rtol=1e-4)

@@ -145,3 +145,104 @@ def test_labels_without_refiners_come_from_the_upsampled_logits(cache):
     out = seg.unary(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
     want = F.interpolate(out.logits, size=(50, 70), mode="bilinear", align_corners=False).argmax(1)[0]
     assert np.array_equal(pred.labels, want.numpy())
+
+
+# ---------------------------------------------------------------- the SCLIP-family harness protocols
+
+# The official configs' numbers, per protocol and dataset (configs/cfg_<dataset>.py and the
+# segmentor's defaults of wangf3014/SCLIP, sinahmr/NACLIP, mc-lan/ClearCLIP, mc-lan/ProxyCLIP):
+# short side S of Resize((2048, S)), window (slide_crop; None = whole image), stride, pad_to,
+# logit_scale, prob_thd, area_thd, class file.
+HARNESS = {
+    "sclip": {
+        "voc21": (336, 224, 112, None, 65, 0.1, 0.1, "voc21_sclip"),
+        "voc20": (336, 224, 112, None, 40, 0.0, None, "voc20_sclip"),
+        "context60": (336, 224, 112, None, 50, 0.1, None, "context60_sclip"),
+        "context59": (336, 224, 112, None, 40, 0.0, None, "context59_sclip"),
+        "cocoobject81": (336, 224, 112, None, 50, 0.1, None, "cocoobject81_sclip"),
+        "cocostuff171": (448, 224, 112, None, 40, 0.0, None, "cocostuff171_sclip"),
+        "cityscapes19": (560, 224, 112, None, 40, 0.0, None, "cityscapes19_sclip"),
+        "ade150": (336, 224, 112, None, 40, 0.0, None, "ade150_sclip"),
+    },
+    "naclip": {
+        "voc21": (336, None, None, None, 40, 0.1, None, "voc21_sclip"),
+        "voc20": (336, None, None, None, 40, 0.0, None, "voc20_sclip"),
+        "context60": (336, 224, 112, None, 40, 0.1, None, "context60_sclip"),
+        "context59": (336, 224, 112, None, 40, 0.0, None, "context59_sclip"),
+        "cocoobject81": (336, 224, 112, None, 40, 0.1, None, "cocoobject81_sclip"),
+        "cocostuff171": (336, 224, 112, None, 40, 0.0, None, "cocostuff171_sclip"),
+        "cityscapes19": (560, 224, 112, None, 40, 0.0, None, "cityscapes19_sclip"),
+        "ade150": (336, 224, 112, None, 40, 0.0, None, "ade150_sclip"),
+    },
+    "clearclip": {
+        "voc21": (448, 448, 224, "patch", 50, 0.5, None, "voc21_clearclip"),
+        "voc20": (448, 448, 224, "patch", 50, 0.0, None, "voc20_clearclip"),
+        "context60": (448, 448, 224, "patch", 50, 0.15, None, "context60_sclip"),
+        "context59": (448, 448, 224, "patch", 50, 0.0, None, "context59_sclip"),
+        "cocoobject81": (448, 448, 224, "patch", 50, 0.4, None, "cocoobject81_clearclip"),
+        "cocostuff171": (448, 448, 224, "patch", 50, 0.0, None, "cocostuff171_sclip"),
+        "cityscapes19": (448, 224, 224, "patch", 50, 0.0, None, "cityscapes19_sclip"),
+        "ade150": (448, 448, 224, "patch", 50, 0.0, None, "ade150_sclip"),
+    },
+    "proxyclip": {
+        "voc21": (336, 336, 112, 56, 40, 0.2, None, "voc21_proxyclip"),
+        "voc20": (336, 336, 112, 56, 40, 0.0, None, "voc20_clearclip"),
+        "context60": (336, 336, 112, 56, 40, 0.15, None, "context60_sclip"),
+        "context59": (336, 336, 112, 56, 40, 0.0, None, "context59_sclip"),
+        "cocoobject81": (336, 336, 112, 56, 40, 0.25, None, "cocoobject81_proxyclip"),
+        "cocostuff171": (336, 336, 112, 56, 40, 0.0, None, "cocostuff171_sclip"),
+        "cityscapes19": (448, 224, 112, 56, 40, 0.0, None, "cityscapes19_sclip"),
+        "ade150": (448, 336, 112, 56, 40, 0.0, None, "ade150_sclip"),
+    },
+}
+FIELDS = ("short_side", "window", "stride", "pad_to", "logit_scale", "prob_thd", "area_thd", "class_file")
+
+
+@pytest.mark.parametrize("protocol", list(HARNESS))
+def test_each_harness_protocol_resolves_to_the_official_values_per_dataset(protocol):
+    for dataset, want in HARNESS[protocol].items():
+        cfg = compose("compare", [f"protocol={protocol}", f"dataset={dataset}", "model=vit_b16"])
+        kw = generator_kwargs(cfg)
+        got = tuple(None if kw["window"] is None and f == "stride" else kw[f] for f in FIELDS)
+        assert got == want, (protocol, dataset)
+        assert protocol_name(cfg) == protocol and kw["mode"] == "harness"
+        assert kw["normalize"] == "model" and kw["pos_interp"] == "offset"  # CLIP's mean / std; the (g + 0.1) rule
+        assert len(resolve_templates(kw["templates"])) == 80
+        assert kw["act"] is None and kw["ln_eps"] is None  # OpenAI's CLIP as trained
+
+
+def test_harness_protocols_without_a_dataset_use_the_defaults_and_the_vocabulary():
+    kw = generator_kwargs(compose("refine", ["protocol=sclip", "model=vit_b16", "input=some/folder"]))
+    assert (kw["short_side"], kw["window"], kw["stride"], kw["logit_scale"], kw["class_file"]) == (336, 224, 112, 40, None)
+    kw = generator_kwargs(compose("compare", ["protocol=clearclip", "model=vit_b16", "dataset=synthetic"]))
+    assert (kw["short_side"], kw["window"], kw["logit_scale"], kw["class_file"]) == (448, 448, 50, None)
+
+
+def test_a_model_preset_wins_over_the_per_dataset_values():
+    kw = generator_kwargs(compose("compare", ["protocol=naclip", "dataset=voc21", "model=tiny_vit"]))
+    assert (kw["short_side"], kw["window"], kw["stride"]) == (64, 64, 32)  # tiny_vit's CI geometry
+    assert (kw["prob_thd"], kw["class_file"]) == (0.1, "voc21_sclip")
+
+
+def test_harness_keys_are_dropped_when_the_generator_runs_whole_crops():
+    """train runs the teacher on whole crops (generator.mode=whole): a harness protocol lends it its
+    normalisation, templates and positional rule, and its per-dataset geometry stays out."""
+    cfg = compose("train", ["protocol=sclip", "dataset=cocostuff171", "model=vit_b16", "crop=320"])
+    kw = generator_kwargs(cfg)
+    assert kw["mode"] == "whole" and kw["short_side"] == 320  # train's crop, not the harness's 448
+    assert not {"pad_to", "prob_thd", "area_thd", "class_file"} & set(kw)
+    assert (kw["normalize"], kw["templates"], kw["pos_interp"]) == ("model", "clip", "offset")
+
+
+def test_bad_per_dataset_entry_names_the_key():
+    cfg = compose("compare", ["protocol=sclip", "dataset=voc21", "model=vit_b16", "+generator.per_dataset.voc21.zeta=1"])
+    with pytest.raises(ValueError, match=r"per_dataset.voc21 sets \['zeta'\]"):
+        generator_kwargs(cfg)
+
+
+def test_the_dense_mode_and_its_parameters_reach_the_generator(cache):
+    kw = generator_kwargs(compose("compare", ["model=vit_b16"]))
+    assert kw["dense"] == "maskclip" and kw["naclip_sigma"] == 5.0 and kw["proxy"] == {"beta": 1.2, "gamma": 3.0}
+    assert kw["vfm"] == {"name": "vit_base_patch8_224.dino", "pretrained": True}
+    kw = generator_kwargs(compose("compare", ["model=tiny_vit", "model.dense=proxyclip", "model.proxy.beta=0.5"]))
+    assert kw["dense"] == "proxyclip" and kw["proxy"]["beta"] == 0.5 and kw["vfm"] == {"name": "tiny_dino", "pretrained": None}

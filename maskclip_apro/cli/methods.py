@@ -67,6 +67,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
     k = len(class_names)
     totals = [ConfusionMatrix(k, ignore_index=dataset.ignore_index) for _ in names]
     seconds = np.zeros(len(names))
+    post_seconds = np.zeros(len(names))
     generator_seconds = 0.0
     log = ReuseLog()
     failures = Failures(cfg.get("on_error", "stop"))
@@ -97,6 +98,7 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
         for j in range(len(names)):
             totals[j].matrix += record[f"cm{j}"]
         seconds += record["seconds"]
+        post_seconds += record["postprocess_seconds"]
         generator_seconds += float(record["generator_seconds"])
     failures.check_some_succeeded(len(dataset))
     n = max(done, 1)
@@ -105,10 +107,12 @@ def run_methods(cfg: DictConfig, methods: Mapping[str, Sequence[str]], out: Path
         **log.summary(),
         "failed": failures.items,
         "protocol": protocol_name(cfg),
+        "generator": segmenter.generator.name,
         "classes": class_names,
         "generator_seconds_per_image": generator_seconds / n,
         "methods": {
-            m: {"steps": list(methods[m]), "seconds_per_image": seconds[j] / n, **totals[j].compute()}
+            m: {"steps": list(methods[m]), "seconds_per_image": seconds[j] / n,
+                "postprocess_seconds_per_image": post_seconds[j] / n, **totals[j].compute()}
             for j, m in enumerate(names)
         },
     }
@@ -123,7 +127,9 @@ def _compute(segmenter, chains, sample, names, k, ignore_index, warmed, panel) -
         segmenter.predict_many(sample.image, chains, keep_probs=False)
     preds = segmenter.predict_many(sample.image, chains, keep_probs=False)
     record = {"methods": np.array(names)}
-    record["seconds"] = np.array([sum(v for s, v in preds[m].times.items() if s != "generator") for m in names])
+    record["seconds"] = np.array(
+        [sum(v for s, v in preds[m].times.items() if s not in ("generator", "postprocess")) for m in names])
+    record["postprocess_seconds"] = np.array([preds[m].times["postprocess"] for m in names])
     record["generator_seconds"] = np.array(preds[names[0]].times["generator"])
     for j, m in enumerate(names):
         record[f"cm{j}"] = ConfusionMatrix(k, ignore_index=ignore_index).update(preds[m].labels, sample.label).matrix
@@ -135,16 +141,17 @@ def _compute(segmenter, chains, sample, names, k, ignore_index, warmed, panel) -
 
 
 def methods_table(results: dict) -> str:
-    """Markdown: method, mIoU, refiner seconds per image."""
+    """Markdown: method, mIoU, refiner and postprocess seconds per image."""
     failed = len(results.get("failed", []))
     lines = [
-        f"MaskCLIP generator, protocol {results['protocol']}: "
+        f"{results.get('generator', 'MaskCLIP')} generator, protocol {results['protocol']}: "
         f"{results['generator_seconds_per_image']:.3f} s/img over {results['images']} images"
         + (f" ({failed} unreadable image(s) skipped, listed in results.json)" if failed else ""),
         "",
-        "| Method | mIoU (%) | pixel acc (%) | refiner s/img |",
-        "|---|---:|---:|---:|",
+        "| Method | mIoU (%) | pixel acc (%) | refiner s/img | postprocess s/img |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, r in results["methods"].items():
-        lines.append(f"| {name} | {100 * r['mIoU']:.2f} | {100 * r['aAcc']:.2f} | {r['seconds_per_image']:.3f} |")
+        lines.append(f"| {name} | {100 * r['mIoU']:.2f} | {100 * r['aAcc']:.2f} | {r['seconds_per_image']:.3f} "
+                     f"| {r.get('postprocess_seconds_per_image', 0.0):.3f} |")
     return "\n".join(lines)

@@ -28,7 +28,11 @@ from ..visualize import colorize, make_panel, save_rgb
 from .common import Failures, open_inputs, prepare, resolved, stage_summary, write_json
 from .reuse import ResultKey, ReuseLog, stale_reason
 
-PANEL_STEPS = {"MaskCLIP": [], "+KS": ["ks"], "+APro": ["apro"]}
+
+def panel_steps(generator) -> dict[str, list[str]]:
+    """Panel columns: the unary, +KS (+PAMR under a harness protocol, which has no key smoothing), +APro."""
+    second = ("+PAMR", ["pamr_logits"]) if generator.mode == "harness" else ("+KS", ["ks"])
+    return {generator.name: [], second[0]: second[1], "+APro": ["apro"]}
 
 
 def _save_probs(path: Path, probs) -> None:
@@ -82,7 +86,7 @@ def run(cfg: DictConfig) -> dict:
     palette = voc_palette(256)
     chains = {"main": segmenter.refiner}
     if cfg.panel:
-        for title, steps in PANEL_STEPS.items():
+        for title, steps in panel_steps(segmenter.generator).items():
             chains[title] = Chain.from_steps(steps, cfg.refine)
     matrix = ConfusionMatrix(len(class_names), ignore_index=dataset.ignore_index)
     labelled = done = 0

@@ -52,19 +52,23 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def sweep_table(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per job and method, a column per override that differs between jobs."""
+    """Markdown: one row per job and method, a column per override that differs between jobs, seconds per
+    image by stage (the generator's shared by a job's methods)."""
     keys: list[str] = []
     for r in records:
         keys += [k for k in r["overrides"] if k not in keys]
     varying = [k for k in keys if len({r["overrides"].get(k) for r in records}) > 1]
     shared = [f"{k}={records[0]['overrides'][k]}" for k in keys if k not in varying and k in records[0]["overrides"]]
     lines = [f"Sweep of {len(records)} jobs" + (f"; every job: {' '.join(shared)}" if shared else ""), ""]
-    header = ["job", *varying, "method", "mIoU (%)", "pixel acc (%)", "refiner s/img"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * (len(varying) + 2) + "---:|" * 3]
+    header = ["job", *varying, "method", "mIoU (%)", "pixel acc (%)", "generator s/img", "refiner s/img",
+              "postprocess s/img"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * (len(varying) + 2) + "---:|" * 5]
     for r in records:
         cells = [r["job"], *(r["overrides"].get(k, "") for k in varying)]
+        generator = f"{r['results']['generator_seconds_per_image']:.3f}"
         for name, m in r["results"]["methods"].items():
-            row = [*cells, name, f"{100 * m['mIoU']:.2f}", f"{100 * m['aAcc']:.2f}", f"{m['seconds_per_image']:.3f}"]
+            row = [*cells, name, f"{100 * m['mIoU']:.2f}", f"{100 * m['aAcc']:.2f}", generator,
+                   f"{m['seconds_per_image']:.3f}", f"{m.get('postprocess_seconds_per_image', 0.0):.3f}"]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -1,4 +1,6 @@
-"""MaskCLIP dense unary generator: open_clip image tower (ViT or ResNet) plus a cached text classifier."""
+"""Dense unary generators: an open_clip image tower (ViT or ResNet) whose last block is rebuilt for
+dense prediction (MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP), a cached text classifier, and the
+test geometry of a protocol (MaskCLIP's whole image or windows, or the SCLIP-family harness)."""
 
 from .maskclip import GeneratorOutput, MaskCLIPGenerator, build_generator
 from .templates import CLIP_TEMPLATES, MASKCLIP_TEMPLATES

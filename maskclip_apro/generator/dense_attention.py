@@ -40,6 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_MODES = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip")
+DENSE_NAMES = {  # how results name the generator of each mode
+    "vanilla": "CLIP", "maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP",
+    "proxyclip": "ProxyCLIP",
+}
 RESIDUAL_MODES = ("vanilla", "maskclip", "sclip")  # z = x + o, then the MLP; the others return o
 NACLIP_SIGMA = 5.0
 PROXY_BETA = 1.2

@@ -60,11 +60,12 @@ def _scale(name: str, value) -> Optional[float]:
 class APro:
     """Global (GP) and local (LP) affinity propagation on the MaskCLIP probabilities.
 
-    Resolutions, relative to the grid of the probabilities (h, w) and capped at the image size
-    (None: the image size): LP and the output run on the normalised image resized to `lp_scale`
-    x the grid's long side, GP on it resized to `gp_scale` x (its result is upsampled bilinearly
-    to the output size). The probabilities are resized bilinearly to each. With MaskCLIP's
-    16-px patches, `lp_scale=4` is a stride-4 map (the official heads' masks: stride 4 to 16).
+    Resolutions, relative to the grid of the probabilities (h, w), or guidance.grid when set, and
+    capped at the image size (None: the image size): LP and the output run on the normalised
+    image resized to `lp_scale` x the grid's long side, GP on it resized to `gp_scale` x (its
+    result is upsampled bilinearly to the output size). The probabilities are resized bilinearly
+    to each. With MaskCLIP's 16-px patches, `lp_scale=4` is a stride-4 map (the official heads'
+    masks: stride 4 to 16).
 
     `mode`: "parallel" = mean(GP(P), LP(P)) (`targets` returns both, the training targets),
     "gp", "lp", or the cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)). The defaults are
@@ -142,8 +143,9 @@ class APro:
         check_map("probs", probs)
         image = check_map("guidance.image", guidance.image)
         normalized = guidance.normalized_image().float()
-        out_size = work_size(image.shape[-2:], probs.shape[-2:], self.lp_scale)
-        gp_size = work_size(image.shape[-2:], probs.shape[-2:], self.gp_scale)
+        grid = probs.shape[-2:] if guidance.grid is None else guidance.grid
+        out_size = work_size(image.shape[-2:], grid, self.lp_scale)
+        gp_size = work_size(image.shape[-2:], grid, self.gp_scale)
         out_guide = resize(normalized, out_size)
         gp_guide = resize(normalized, gp_size)
         probs = probs.float()

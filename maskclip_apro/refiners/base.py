@@ -34,12 +34,16 @@ class Guidance:
     features: (B, D, h, w) dense CLIP features on the patch grid, for GP's second pass "features".
     normalized: (B, 3, H, W) the same image ImageNet-normalised, (image - mean) / std; APro reads
         it (its zetas are in these units). Derived from `image` when not given.
+    grid: (h, w) the patch grid the probabilities were computed on, when they reach the refiners
+        at a finer resolution (the SCLIP-family harness hands over maps at the image size); APro's
+        resolutions are relative to it. None: the probabilities' own grid.
     """
 
     image: torch.Tensor
     keys: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
     normalized: Optional[torch.Tensor] = None
+    grid: Optional[tuple[int, int]] = None
 
     def normalized_image(self) -> torch.Tensor:
         """The ImageNet-normalised image: `normalized` when given, else computed from `image` once."""

@@ -1,7 +1,9 @@
 """Refiner chains built from step names, so configs and the compare table name methods as data.
 
 `params` is the composed `cfg.refine` (conf/_refine_params.yaml plus the preset's changes), or
-any mapping of refiner family (ks, pd, apro, pamr) to keyword arguments. docs/refiners.md
+any mapping of refiner family (ks, pd, apro, pamr) to keyword arguments. The steps "pamr"
+(PAMR on probabilities) and "pamr_logits" (PAMR on the logits, as the SCLIP-family harness
+applies it) share the `pamr` parameters. docs/refiners.md
 defines every refiner.
 """
 
@@ -17,7 +19,7 @@ from .base import Guidance, Refiner
 
 # Steps with a fixed APro combination (step -> APro mode); the step "apro" runs refine.apro.mode.
 APRO_MODES = {"gp": "gp", "lp": "lp", "lp_gp": "lp_gp", "gp_lp": "gp_lp", "gp_lp_parallel": "parallel"}
-STEPS = ("ks", "pd", "pamr", "apro", *APRO_MODES)
+STEPS = ("ks", "pd", "pamr", "pamr_logits", "apro", *APRO_MODES)
 
 
 def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner:
@@ -34,13 +36,14 @@ def build_refiner(step: str, params: Mapping[str, Any] | None = None) -> Refiner
         from .pd import PromptDenoising
 
         return PromptDenoising(**dict(params.get("pd", {})))
-    if step == "pamr":
+    if step in ("pamr", "pamr_logits"):
         from .pamr import PAMR
+        from .pamr_logits import PAMRLogits
 
         kwargs = dict(params.get("pamr", {}))
         if "dilations" in kwargs:
             kwargs["dilations"] = tuple(kwargs["dilations"])
-        return PAMR(**kwargs)
+        return (PAMR if step == "pamr" else PAMRLogits)(**kwargs)
     if step == "apro" or step in APRO_MODES:
         from .apro import APro
 
