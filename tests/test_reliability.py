@@ -273,7 +273,7 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
         ("compare", "panels=yes", "panels='yes' is not valid: panels takes an integer >= 0"),
         ("compare", "methods.MaskCLIP=[apro,crf]", r"methods.MaskCLIP=\['apro', 'crf'\] is not valid: a method is a list"),
         ("train", "amp=no", "amp='no' is not valid: amp takes true or false"),
-        ("train", "+target.apro.zeta=1", "target.apro.zeta is not a parameter of the apro refiner"),
+        ("train", "+refine.apro.zeta=1", "refine.apro.zeta is not a parameter of the apro refiner"),
         ("train", "device=gpu", "device='gpu' is not a device: device takes auto, cpu, cuda or cuda:N"),
     ],
 )
