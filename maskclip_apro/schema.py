@@ -71,7 +71,8 @@ COMMON = {
     **{f"generator.{k}": rule for k, rule in _GENERATOR.items()},
     **{f"model.{k}": rule for k, rule in _GENERATOR.items() if k != "cache_dir"},
 }
-_INPUTS = {"input": _optional(TEXT), "vocab": VOCAB, "limit": _optional(integer(1)), "on_error": choice("skip", "stop")}
+_INPUTS = {"input": _optional(TEXT), "vocab": VOCAB, "limit": _optional(integer(1)), "on_error": choice("skip", "stop"),
+           "batch_size": integer(1), "workers": integer(0)}
 COMMANDS: dict[str, dict[str, Rule]] = {
     "refine": {
         **_INPUTS,
@@ -101,7 +102,7 @@ def check_config(cfg: DictConfig, command: str) -> None:
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not rule.test(value):
             raise ValueError(f"{key}={_show(value)} is not valid: {key} takes {rule.accepts}")
-    _check_device(cfg, allow_auto=command == "train")
+    _check_device(cfg)
     for family in _refiner_classes():
         _check_params(cfg, f"refine.{family}", family, exclude=())
     if command == "compare":
@@ -115,8 +116,8 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _check_device(cfg: DictConfig, allow_auto: bool) -> None:
-    """cpu, cuda or cuda:N (and auto for training), and a GPU that exists where one is asked for."""
+def _check_device(cfg: DictConfig) -> None:
+    """auto, cpu, cuda or cuda:N, and a GPU that exists where one is asked for (auto: a GPU when there is one)."""
     import re
 
     import torch
@@ -124,8 +125,8 @@ def _check_device(cfg: DictConfig, allow_auto: bool) -> None:
     value = cfg.get("device")
     if value is None:
         return
-    accepts = ("auto, " if allow_auto else "") + "cpu, cuda or cuda:N"
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?" + ("|auto" if allow_auto else ""), value):
+    accepts = "auto, cpu, cuda or cuda:N"
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise ValueError(f"device={_show(value)} is not a device: device takes {accepts}")
     if value.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from maskclip_apro.cli import compare, evaluate, refine, reuse
+from maskclip_apro.cli import compare, evaluate, refine
 from maskclip_apro.config import compose
 from maskclip_apro.data.io import save_label_png
 from maskclip_apro.generator.models import load_clip
+from maskclip_apro.pipeline import reuse
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 FAST = ["model=tiny_vit", "generator.short_side=64", "generator.window=64", "generator.stride=32", "refine=none"]
@@ -206,8 +207,9 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     "override, message",
     [
         ("panel=no", "error: panel='no' is not valid: panel takes true or false"),
+        ("batch_size=0", "error: batch_size=0 is not valid: batch_size takes an integer >= 1"),
         ("+refine.apro.zeta_gg=1", "error: refine.apro.zeta_gg is not a parameter of the apro refiner; it takes "),
-        ("device=gpu", "error: device='gpu' is not a device: device takes cpu, cuda or cuda:N"),
+        ("device=gpu", "error: device='gpu' is not a device: device takes auto, cpu, cuda or cuda:N"),
         ("dataset=folder", "error: dataset.root is not set: pass dataset.root=..."),
     ],
 )

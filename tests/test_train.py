@@ -20,7 +20,7 @@ from PIL import Image
 from maskclip_apro.config import compose
 from maskclip_apro.data import build_dataset
 from maskclip_apro.student.checkpoint import read_state_dict
-from maskclip_apro.student.distributed import DistInfo
+from maskclip_apro.distributed import DistInfo
 from maskclip_apro.student.trainer import Trainer, find_latest_run, per_dataset, poly_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ DDP_SETTINGS = ("iters=3", "student.bn=frozen", "optim.name=sgd", "optim.lr=1e-2
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from maskclip_apro.student.distributed import init_distributed, shutdown
+    from maskclip_apro.distributed import init_distributed, shutdown
 
     info = init_distributed("cpu")
     try:

@@ -1,55 +1,37 @@
-"""What the commands share: config checks and setup, inputs, vocabulary, per-image failures, summaries."""
+"""What the commands share: config checks, the output folder, inputs, the device and run options."""
 
 from __future__ import annotations
 
-import json
-import sys
-from collections import defaultdict
+import copy
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data import build_dataset, load_vocab
-from ..data.io import atomic_write, remove_stale_temporaries, set_max_image_pixels
+from ..data.io import remove_stale_temporaries, set_max_image_pixels
+from ..distributed import DistInfo, barrier
+from ..pipeline.loop import RunOptions
 from ..samples import sample_paths
 from ..schema import check_config
 
 
-def prepare(cfg: DictConfig, command: str, out: Path | None = None) -> Path:
-    """Check the config, apply the image size limit, tidy the output folder (cfg.output_dir
-    unless `out` names the run's own); returns the folder.
-
-    Temporary files that a killed run left behind (see data.io.atomic_write) are removed.
-    """
+def check(cfg: DictConfig, command: str) -> None:
+    """Check the config and apply its image size limit (before anything else runs)."""
     check_config(cfg, command)
     set_max_image_pixels(cfg.get("max_image_pixels"))
-    out = Path(cfg.output_dir) if out is None else Path(out)
-    removed = remove_stale_temporaries(out)
-    if removed:
-        print(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {out}")
+
+
+def tidy(out: Path, info: DistInfo = DistInfo()) -> Path:
+    """Remove the temporary files a killed run left in `out` (see data.io.atomic_write); under
+    torchrun rank 0 does it while the others wait, so no rank removes a file another is writing."""
+    out = Path(out)
+    if info.is_main:
+        removed = remove_stale_temporaries(out)
+        if removed:
+            print(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {out}")
+    barrier(info)
     return out
-
-
-class Failures:
-    """Images that could not be processed, under on_error: "stop" re-raises, "skip" lists them."""
-
-    def __init__(self, on_error: str) -> None:
-        self.on_error = on_error
-        self.items: list[dict[str, str]] = []
-
-    def add(self, name: str, error: Exception) -> None:
-        if self.on_error == "stop":
-            raise error
-        self.items.append({"name": name, "error": str(error)})
-        tqdm.write(f"skipped {name}: {error}", file=sys.stderr)
-
-    def check_some_succeeded(self, total: int) -> None:
-        """Every image failing is a run failure, not a list of skips."""
-        if total and len(self.items) == total:
-            first = self.items[0]
-            raise ValueError(f"all {total} images failed; first, {first['name']}: {first['error']}")
 
 
 def open_inputs(cfg: DictConfig) -> tuple[Any, list[str]]:
@@ -70,21 +52,18 @@ def open_inputs(cfg: DictConfig) -> tuple[Any, list[str]]:
     return dataset, list(dataset.class_names)
 
 
-def stage_summary(times: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Mean seconds per image for each stage over the images that ran."""
-    totals: dict[str, float] = defaultdict(float)
-    count = 0
-    for t in times:
-        count += 1
-        for stage, seconds in t.items():
-            totals[stage] += seconds
-    return {stage: total / count for stage, total in totals.items()} if count else {}
+def on_device(cfg: DictConfig, info: DistInfo) -> DictConfig:
+    """A copy of cfg whose device is this process's (device=cuda under torchrun: cuda:<local rank>)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.device = str(info.device)
+    return cfg
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """JSON, written atomically."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=float)
+def run_options(cfg: DictConfig, info: DistInfo, on_error: str) -> RunOptions:
+    """batch_size, workers and on_error (default `on_error`) of a per-image command."""
+    return RunOptions(batch_size=int(cfg.get("batch_size", 1)), workers=int(cfg.get("workers", 0)),
+                      on_error=str(cfg.get("on_error", on_error)), info=info)
 
 
 def resolved(cfg: DictConfig) -> dict:

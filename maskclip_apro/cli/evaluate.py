@@ -1,6 +1,7 @@
 """mIoU of one refiner configuration on a labelled dataset.
 
     python scripts/evaluate.py dataset=voc21 model=vit_b16 refine=apro
+    torchrun --nproc_per_node 4 scripts/evaluate.py dataset=voc21 model=vit_b16 device=cuda batch_size=8
 """
 
 from __future__ import annotations
@@ -9,11 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..config import hydra_app, refine_steps
-from ..data.io import output_path
-from ..evaluation import format_table
-from .common import prepare, resolved, write_json
-from .methods import methods_table, run_methods
-from .reuse import ReuseLog
+from ..evaluation import format_table, methods_table
+from .methods import score
 
 
 def _preset_name(cfg: DictConfig) -> str:
@@ -23,16 +21,14 @@ def _preset_name(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Evaluate cfg.refine on cfg.dataset; writes results.json (tagged with the resolved config)."""
-    out = prepare(cfg, "evaluate")
+    """Evaluate cfg.refine on cfg.dataset; rank 0 writes results.json (tagged with the resolved config)."""
     name = _preset_name(cfg)
-    results = run_methods(cfg, {name: refine_steps(cfg)}, out)
-    metrics = results["methods"][name]
-    print(format_table(metrics, results["classes"]))
-    print(methods_table(results))
-    write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
-    print(f"per-image records: {ReuseLog.describe(results)}")
-    return results
+
+    def report(results: dict, out) -> None:
+        print(format_table(results["methods"][name], results["classes"]))
+        print(methods_table(results))
+
+    return score(cfg, "evaluate", {name: refine_steps(cfg)}, report)
 
 
 main = hydra_app("evaluate", run)

@@ -1,32 +1,25 @@
 """Training-free refinement: images in; label PNGs, overlays, optional probabilities and panels out.
 
     python scripts/refine.py input=PATH vocab=voc21 model=vit_b16 refine=apro output_dir=out
+    torchrun --nproc_per_node 4 scripts/refine.py dataset=cocostuff171 dataset.split=train device=cuda batch_size=8
 
-Each finished image gets output_dir/records/<name>.json: the key its outputs were made under
-(cli.reuse) and the size and time of each output file. A rerun skips an image only when its
-record matches the current run and its outputs are as recorded; otherwise it is recomputed.
+The work is pipeline.refine's; this module composes it from the config and reports.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
-import numpy as np
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from ..config import hydra_app, protocol_name
-from ..data.base import file_fingerprint
-from ..data.io import atomic_write, load_label, output_path, save_label_png, save_overlay
-from ..data.palette import voc_palette
-from ..evaluation import ConfusionMatrix, format_table
+from ..distributed import process_group
+from ..evaluation import format_table
+from ..pipeline.loop import check_some_succeeded
+from ..pipeline.refine import MAIN, RefineOutputs, refine_dataset
+from ..pipeline.reuse import ResultKey, ReuseLog, write_json
+from ..data.io import output_path
 from ..refiners import Chain
 from ..segmenter import Segmenter
-from ..visualize import colorize, make_panel, save_rgb
-from .common import Failures, open_inputs, prepare, resolved, stage_summary, write_json
-from .reuse import ResultKey, ReuseLog, stale_reason
+from .common import check, on_device, open_inputs, resolved, run_options, tidy
 
 
 def panel_steps(generator) -> dict[str, list[str]]:
@@ -35,130 +28,39 @@ def panel_steps(generator) -> dict[str, list[str]]:
     return {generator.name: [], second[0]: second[1], "+APro": ["apro"]}
 
 
-def _save_probs(path: Path, probs) -> None:
-    from safetensors.numpy import save
-
-    with atomic_write(path) as f:
-        f.write(save({"probs": probs.numpy().astype(np.float16)}))
-
-
-def _outputs(out: Path, name: str, cfg: DictConfig) -> dict[str, Path]:
-    """The files one image produces, by kind."""
-    paths = {"label": output_path(out, "labels", f"{name}.png"), "overlay": output_path(out, "overlays", f"{name}.png")}
-    if cfg.save_probs:
-        paths["probs"] = output_path(out, "probs", f"{name}.safetensors")
-    if cfg.panel:
-        paths["panel"] = output_path(out, "panels", f"{name}.png")
-    return paths
-
-
-def _reuse_reason(record: Path, key: dict, outputs: dict[str, Path]) -> str | None:
-    """None when the image's record matches `key` and its outputs are as recorded, else why not."""
-    if not record.is_file():
-        return "new"
-    try:
-        saved = json.loads(record.read_text(encoding="utf-8"))
-        saved_key, files = saved["key"], saved["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unreadable record"
-    if not isinstance(saved_key, dict) or not isinstance(files, dict):
-        return "unreadable record"
-    reason = stale_reason(saved_key, key)
-    if reason is not None:
-        return reason
-    for kind, path in outputs.items():
-        if not path.is_file() or files.get(kind) != file_fingerprint(path):
-            return "outputs changed"
-    return None
-
-
 def run(cfg: DictConfig) -> dict:
-    """Refine every input image; returns the summary it also writes to output_dir/summary.json.
+    """Refine every input image; returns the summary rank 0 also writes to output_dir/summary.json.
 
     An image that cannot be read or segmented (missing, corrupt, too large or too small, bad
     label values) is skipped and listed under "failed" (on_error=skip, the default here) or
     stops the run (on_error=stop); a run where every image fails is an error either way.
     """
-    out = prepare(cfg, "refine")
-    dataset, class_names = open_inputs(cfg)
-    segmenter = Segmenter.from_config(cfg, class_names)
-    keys = ResultKey(cfg, class_names, segmenter.generator.identity, {"overlay_alpha": cfg.overlay_alpha})
-    palette = voc_palette(256)
-    chains = {"main": segmenter.refiner}
-    if cfg.panel:
-        for title, steps in panel_steps(segmenter.generator).items():
-            chains[title] = Chain.from_steps(steps, cfg.refine)
-    matrix = ConfusionMatrix(len(class_names), ignore_index=dataset.ignore_index)
-    labelled = done = 0
-    log = ReuseLog()
-    failures = Failures(cfg.get("on_error", "skip"))
-    times = []
-    start = time.perf_counter()
-    for i in tqdm(range(len(dataset)), desc="refine", unit="img"):
-        name = str(i)
-        try:
-            source = dataset.source(i)
-            name = source.name
-            key = keys.of(source)
-            outputs = _outputs(out, name, cfg)
-            record = output_path(out, "records", f"{name}.json")
-            reason = "overwrite" if cfg.overwrite else _reuse_reason(record, key, outputs)
-            sample = dataset[i] if reason is not None or source.label is not None else None
-            if reason is None:
-                labels = load_label(outputs["label"]) if sample is not None else None
-            else:
-                preds = segmenter.predict_many(sample.image, chains, keep_probs=cfg.save_probs)
-                labels = preds["main"].labels
-        except (ValueError, OSError) as error:  # reading and segmenting only: writes come after
-            failures.add(name, error)
-            continue
-        log.add(reason)
-        if reason is not None:
-            times.append(preds["main"].times)
-            _write(outputs, sample.image, preds, palette, cfg, sample.label)
-            files = {kind: file_fingerprint(path) for kind, path in outputs.items()}
-            write_json(record, {"key": key, "outputs": files})
-            done += 1
-        if sample is not None and sample.label is not None:
-            matrix.update(labels, sample.label)
-            labelled += 1
-    summary = {
-        "images": len(dataset),
-        "protocol": protocol_name(cfg),
-        "refined": done,
-        **log.summary(),
-        "failed": failures.items,
-        "wall_seconds": time.perf_counter() - start,
-        "seconds_per_image": stage_summary(times),
-        "classes": class_names,
-        "config": resolved(cfg),
-    }
-    if labelled:
-        summary["metrics"] = matrix.compute()
-        print(format_table(summary["metrics"], class_names))
-    write_json(output_path(out, "summary.json"), summary)
-    per_stage = ", ".join(f"{k} {v:.3f}s" for k, v in summary["seconds_per_image"].items())
-    print(
-        f"{len(dataset)} images: {ReuseLog.describe(summary)}, {len(failures.items)} failed -> {out}  "
-        f"({per_stage or 'nothing ran'})"
-    )
-    failures.check_some_succeeded(len(dataset))
+    check(cfg, "refine")
+    with process_group(str(cfg.device)) as info:
+        out = tidy(cfg.output_dir, info)
+        dataset, class_names = open_inputs(cfg)
+        segmenter = Segmenter.from_config(on_device(cfg, info), class_names)
+        keys = ResultKey(resolved(cfg), class_names, segmenter.generator.identity, {"overlay_alpha": cfg.overlay_alpha})
+        chains = {MAIN: segmenter.refiner}
+        if cfg.panel:
+            chains.update({title: Chain.from_steps(steps, cfg.refine)
+                           for title, steps in panel_steps(segmenter.generator).items()})
+        outputs = RefineOutputs(save_probs=cfg.save_probs, panel=cfg.panel, overlay_alpha=cfg.overlay_alpha,
+                                overwrite=cfg.overwrite)
+        summary = refine_dataset(segmenter, chains, dataset, out, keys, outputs, run_options(cfg, info, "skip"))
+        summary = {**summary, "protocol": protocol_name(cfg), "config": resolved(cfg)}
+        if info.is_main:
+            if "metrics" in summary:
+                print(format_table(summary["metrics"], class_names))
+            write_json(output_path(out, "summary.json"), summary)
+            per_stage = ", ".join(f"{k} {v:.3f}s" for k, v in summary["seconds_per_image"].items())
+            print(
+                f"{summary['images']} images: {ReuseLog.describe(summary)}, {len(summary['failed'])} failed -> {out}  "
+                f"({per_stage or 'nothing ran'}; {summary['images_per_second']:.2f} img/s over "
+                f"{summary['processes']} process(es))"
+            )
+    check_some_succeeded(summary["failed"], summary["images"])
     return summary
-
-
-def _write(outputs: dict[str, Path], image: np.ndarray, preds: dict, palette: np.ndarray, cfg: DictConfig,
-           truth: np.ndarray | None) -> None:
-    """Overlay, probabilities and panel, then the label PNG."""
-    labels = preds["main"].labels
-    save_overlay(outputs["overlay"], image, labels, palette, alpha=cfg.overlay_alpha)
-    if "probs" in outputs:
-        _save_probs(outputs["probs"], preds["main"].probs)
-    if "panel" in outputs:
-        columns = [("image", image)] + [(t, colorize(p.labels, palette)) for t, p in preds.items() if t != "main"]
-        if truth is not None:
-            columns.insert(1, ("ground truth", colorize(truth.astype(np.int64), palette)))
-        save_rgb(outputs["panel"], make_panel(columns))
-    save_label_png(outputs["label"], labels, palette)
 
 
 main = hydra_app("refine", run)

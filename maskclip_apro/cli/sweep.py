@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.io import atomic_write
-from .common import write_json
+from ..pipeline.reuse import write_json
 
 
 def job_output_dir(cfg: DictConfig) -> Path:

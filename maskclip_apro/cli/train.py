@@ -13,19 +13,17 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..config import hydra_app
-from ..student.distributed import init_distributed, shutdown
+from ..distributed import process_group
 from ..student.trainer import Trainer
-from .common import prepare
+from .common import check, tidy
 
 
 def run(cfg: DictConfig) -> list[float]:
     """Train per cfg (conf/train.yaml); returns this call's per-step losses."""
-    prepare(cfg, "train")
-    info = init_distributed(str(cfg.device))
-    try:
+    check(cfg, "train")
+    with process_group(str(cfg.device)) as info:
+        tidy(cfg.output_dir, info)
         return Trainer(cfg, info=info).run()
-    finally:
-        shutdown(info)
 
 
 main = hydra_app("train", run)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..data.vocab import primary_name
@@ -29,3 +29,22 @@ def format_table(result: dict[str, Any], class_names: Sequence[str]) -> str:
         f"| {_pct(result['mIoU'])} | {_pct(result.get('mAcc', float('nan')))} | {_pct(result.get('aAcc', float('nan')))} |",
     ]
     return "\n".join(rows)
+
+
+def methods_table(results: Mapping[str, Any]) -> str:
+    """Markdown: method, mIoU, refiner and postprocess seconds per image."""
+    failed = len(results.get("failed", []))
+    lines = [
+        f"{results.get('generator', 'MaskCLIP')} generator, protocol {results['protocol']}: "
+        f"{results['generator_seconds_per_image']:.3f} s/img over {results['images']} images"
+        + (f" ({failed} unreadable image(s) skipped, listed in results.json)" if failed else "")
+        + (f"; {results['images_per_second']:.2f} img/s computed by {results['processes']} process(es)"
+           if results.get("processes") else ""),
+        "",
+        "| Method | mIoU (%) | pixel acc (%) | refiner s/img | postprocess s/img |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in results["methods"].items():
+        lines.append(f"| {name} | {100 * r['mIoU']:.2f} | {100 * r['aAcc']:.2f} | {r['seconds_per_image']:.3f} "
+                     f"| {r.get('postprocess_seconds_per_image', 0.0):.3f} |")
+    return "\n".join(lines)

@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import build_dataset
+from ..distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shard
 from ..evaluation import ConfusionMatrix
 from .augment import AugmentParams
 from .checkpoint import LATEST, STATE_JSON, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .data import StepBatches, TrainCrops
 from .deeplabv2 import IMAGENET_MEAN, DeepLabV2, sync_batchnorm
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .inference import predict
 from .losses import combine, loss_sums
 from .teacher import Targets, Teacher
@@ -132,17 +132,6 @@ def find_latest_run(root: Path, current: Dict[str, Any]) -> Tuple[Optional[Path]
     return None, f"resume=latest: no run with checkpoints under {root}; starting a new run"
 
 
-def _broadcast(value: Any, info: DistInfo) -> Any:
-    """Rank 0's value on every rank (e.g. a ${now:} folder name that may differ between processes)."""
-    if not info.enabled:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class CsvLog:
     """metrics.csv with a fixed header; on resume, rows after the resumed step are dropped."""
 
@@ -219,7 +208,7 @@ class Trainer:
         self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0
-        self.out = Path(_broadcast(str(self._output_dir()), self.info))
+        self.out = Path(broadcast_object(str(self._output_dir()), self.info))
         resumed = self._maybe_resume() if cfg.resume else None
         self.ddp = None
         if self.info.enabled:
@@ -359,7 +348,7 @@ class Trainer:
         cm = ConfusionMatrix(self.num_classes, ignore_index=getattr(self.val_set, "ignore_index", 255))
         limit = e.get("limit")
         n = len(self.val_set) if limit is None else min(len(self.val_set), int(limit))
-        for i in range(self.info.rank, n, self.info.world_size):
+        for i in shard(n, self.info):
             sample = self.val_set[i]
             if sample.label is None:
                 raise ValueError(f"val image {sample.name!r} has no label; set eval.interval=0 to train without evaluation")

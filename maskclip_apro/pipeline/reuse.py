@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
-
-from omegaconf import DictConfig, OmegaConf
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..data.base import Source
+from ..data.io import atomic_write
 
 RESULT_KEYS = ("model", "generator", "background", "refine", "dataset")
 NOT_RESULTS = {"generator": ("cache_dir",), "dataset": ("root", "limit", "classes")}
@@ -42,8 +42,10 @@ def digest(payload: Any) -> str:
 class ResultKey:
     """The key of every per-image result of one run (module doc)."""
 
-    def __init__(self, cfg: DictConfig, class_names: Sequence[str], weights: str, extra: Mapping[str, Any]) -> None:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+    def __init__(self, resolved: Mapping[str, Any], class_names: Sequence[str], weights: str,
+                 extra: Mapping[str, Any]) -> None:
+        """resolved: the run's config as plain data; weights: the generator's identity; extra: the
+        command's own settings that decide its results (compared methods, overlay opacity)."""
         config = {}
         for name in RESULT_KEYS:
             block = resolved.get(name)
@@ -85,6 +87,11 @@ class ReuseLog:
         else:
             self.not_reused[reason] += 1
 
+    def merge(self, other: "ReuseLog") -> None:
+        """Add another log's counts (another rank's)."""
+        self.reused += other.reused
+        self.not_reused.update(other.not_reused)
+
     def summary(self) -> dict[str, Any]:
         return {"reused": self.reused, "not_reused": dict(sorted(self.not_reused.items()))}
 
@@ -94,6 +101,12 @@ class ReuseLog:
         counts = summary["not_reused"]
         why = ", ".join(f"{n} {reason}" for reason, n in counts.items())
         return f"{summary['reused']} reused" + (f", {sum(counts.values())} computed ({why})" if counts else "")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """JSON (records, summaries), written atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=float)
 
 
 def read_key(text: str) -> dict[str, Any]:

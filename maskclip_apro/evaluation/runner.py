@@ -1,0 +1,195 @@
+"""Score refiner chains on a labelled dataset, one generator pass per image (evaluate, compare).
+
+Per-image confusion matrices and times go to <out>/per_image/<name>.npz as each image finishes
+(atomically), with the key they were made under (pipeline.reuse); a rerun reuses the records
+whose key matches and computes the rest, so an interrupted run continues where it stopped and a
+changed config, vocabulary, weights or input file is never served stale. Under torchrun each
+rank scores its share of the images (pipeline.loop) and the confusion matrices are summed over
+the ranks: integer counts, so the scores equal a single process's exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data.io import atomic_write, output_path
+from ..data.palette import voc_palette
+from ..distributed import all_gather_object, barrier
+from ..pipeline.loop import Prepared, RunOptions, check_some_succeeded, run_items
+from ..pipeline.reuse import ResultKey, ReuseLog, read_key, stale_reason
+from ..refiners import Chain
+from ..segmenter import Segmenter
+from ..visualize import colorize, make_panel, save_rgb
+from .metric import ConfusionMatrix
+
+
+def _load(path: Path, key: Mapping) -> tuple[dict | None, str | None]:
+    """The saved record of one image and None, or None and why it cannot be reused."""
+    if not path.exists():
+        return None, "new"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            record = {k: data[k] for k in data.files}
+        saved = read_key(str(record["key"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        tqdm.write(f"{path} is unreadable ({error}); recomputing it", file=sys.stderr)
+        return None, "unreadable record"
+    reason = stale_reason(saved, key)
+    return (record, None) if reason is None else (None, reason)
+
+
+def _save(path: Path, record: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **record)
+    with atomic_write(path) as f:
+        f.write(buffer.getvalue())
+
+
+class _Reader:
+    """The read-ahead half (pipeline.loop): the image's saved record, or its pixels and label."""
+
+    def __init__(self, dataset: Any, out: Path, keys: ResultKey) -> None:
+        self.dataset, self.out, self.keys = dataset, out, keys
+
+    def __call__(self, item: Prepared) -> None:
+        source = self.dataset.source(item.index)
+        item.name = source.name
+        item.key = self.keys.of(source)
+        item.saved, item.reason = _load(output_path(self.out, "per_image", f"{item.name}.npz"), item.key)
+        if item.saved is None:
+            item.sample = self.dataset[item.index]
+            if item.sample.label is None:
+                raise ValueError(f"image {item.name!r} has no ground-truth label; evaluation needs a labelled dataset")
+
+
+class _Totals:
+    """What one rank accumulates; summed over the ranks at the end."""
+
+    def __init__(self, matrices: list[ConfusionMatrix]) -> None:
+        self.matrices = matrices
+        self.images = 0
+        self.seconds = np.zeros(len(matrices))
+        self.post_seconds = np.zeros(len(matrices))
+        self.generator_seconds = 0.0
+        self.log = ReuseLog()
+
+    def add(self, record: Mapping[str, np.ndarray]) -> None:
+        self.images += 1
+        for j, matrix in enumerate(self.matrices):
+            matrix.matrix += record[f"cm{j}"]
+        self.seconds += record["seconds"]
+        self.post_seconds += record["postprocess_seconds"]
+        self.generator_seconds += float(record["generator_seconds"])
+
+    @staticmethod
+    def merge(parts: list["_Totals"]) -> "_Totals":
+        total = parts[0]
+        for part in parts[1:]:
+            for mine, theirs in zip(total.matrices, part.matrices):
+                mine.merge(theirs)
+            total.images += part.images
+            total.seconds += part.seconds
+            total.post_seconds += part.post_seconds
+            total.generator_seconds += part.generator_seconds
+            total.log.merge(part.log)
+        return total
+
+
+def score_methods(
+    segmenter: Segmenter,
+    chains: Mapping[str, Chain],
+    steps: Mapping[str, Sequence[str]],
+    dataset: Any,
+    out: Path,
+    keys: ResultKey,
+    protocol: str,
+    panels: int = 0,
+    options: RunOptions = RunOptions(),
+) -> dict[str, Any]:
+    """mIoU and seconds per image of every chain over `dataset`; resumable (module doc).
+
+    chains: method name -> chain, all run on one generator pass per image; steps: each method's
+    step names, reported with its scores; protocol: the test protocol's name, for the results;
+    panels: side-by-side panels (image, ground truth, one column per method) of the first N
+    images. An image that cannot be read or segmented (missing, corrupt, too large or too small,
+    bad label values) stops the run (on_error=stop) or is skipped and listed under "failed"
+    (on_error=skip); metrics are then over the images that ran. The first batch a rank computes
+    runs twice and is timed the second time (the first compiles kernels).
+    """
+    out = Path(out)
+    names = list(chains)
+    k = len(segmenter.class_names)
+    ignore = dataset.ignore_index
+    totals = _Totals([ConfusionMatrix(k, ignore_index=ignore) for _ in names])
+    warm = [False]
+    palette = voc_palette(256)
+
+    def predict(items: list[Prepared]) -> list[tuple[dict, np.ndarray | None]]:
+        images = [it.sample.image for it in items]
+        if not warm[0]:
+            segmenter.predict_batch(images, chains, keep_probs=False)
+            warm[0] = True
+        batch = segmenter.predict_batch(images, chains, keep_probs=False)
+        results = []
+        for item, preds in zip(items, batch):
+            record = {"methods": np.array(names)}
+            record["seconds"] = np.array(
+                [sum(v for s, v in preds[m].times.items() if s not in ("generator", "postprocess")) for m in names])
+            record["postprocess_seconds"] = np.array([preds[m].times["postprocess"] for m in names])
+            record["generator_seconds"] = np.array(preds[names[0]].times["generator"])
+            for j, m in enumerate(names):
+                record[f"cm{j}"] = ConfusionMatrix(k, ignore_index=ignore).update(preds[m].labels, item.sample.label).matrix
+            panel = None
+            if item.index < panels:
+                truth = colorize(item.sample.label.astype(np.int64), palette)
+                columns = [("image", item.sample.image), ("ground truth", truth)]
+                panel = make_panel(columns + [(m, colorize(p.labels, palette)) for m, p in preds.items()])
+            results.append((record, panel))
+        return results
+
+    def finish(item: Prepared, result: tuple[dict, np.ndarray | None] | None) -> None:
+        record = item.saved
+        if result is not None:
+            record, panel = result
+            record["key"] = np.array(json.dumps(item.key))
+            if panel is not None:
+                save_rgb(output_path(out, "panels", f"{item.name}.png"), panel)
+            _save(output_path(out, "per_image", f"{item.name}.npz"), record)
+        totals.log.add(item.reason)
+        totals.add(record)
+
+    barrier(options.info)
+    start = time.perf_counter()
+    failures = run_items(len(dataset), _Reader(dataset, out, keys), predict, finish, options, desc="evaluate")
+    merged = _Totals.merge(all_gather_object(totals, options.info))
+    wall = time.perf_counter() - start
+    check_some_succeeded(failures.items, len(dataset))
+    n = max(merged.images, 1)
+    computed = sum(merged.log.not_reused.values())
+    return {
+        "images": merged.images,
+        **merged.log.summary(),
+        "failed": failures.items,
+        "protocol": protocol,
+        "generator": segmenter.generator.name,
+        "classes": list(segmenter.class_names),
+        "generator_seconds_per_image": merged.generator_seconds / n,
+        "wall_seconds": wall,
+        "images_per_second": computed / wall if wall > 0 else 0.0,
+        "processes": options.info.world_size,
+        "methods": {
+            m: {"steps": list(steps[m]), "seconds_per_image": merged.seconds[j] / n,
+                "postprocess_seconds_per_image": merged.post_seconds[j] / n, **merged.matrices[j].compute()}
+            for j, m in enumerate(names)
+        },
+    }
+

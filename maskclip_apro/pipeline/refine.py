@@ -1,0 +1,206 @@
+"""Refine a dataset into files: label PNGs, overlays, optional probabilities and panels.
+
+Each finished image gets <out>/records/<name>.json: the key its outputs were made under
+(pipeline.reuse) and the size and time of each output file. A rerun skips an image only when
+its record matches the current run and its outputs are as recorded; otherwise it is recomputed.
+Under torchrun each rank refines and writes its own share of the images (pipeline.loop) and
+every rank returns the same summary, made from all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..data.base import file_fingerprint
+from ..data.io import atomic_write, load_label, output_path, save_label_png, save_overlay
+from ..data.palette import voc_palette
+from ..distributed import all_gather_object, barrier
+from ..evaluation.metric import ConfusionMatrix
+from ..refiners import Chain
+from ..segmenter import Segmenter
+from ..visualize import colorize, make_panel, save_rgb
+from .loop import Prepared, RunOptions, run_items
+from .reuse import ResultKey, ReuseLog, stale_reason, write_json
+
+MAIN = "main"  # the chain whose labels are written; any other chain is a panel column
+
+
+@dataclass(frozen=True)
+class RefineOutputs:
+    """What refine writes per image besides the label PNG and the overlay."""
+
+    save_probs: bool = False  # float16 safetensors of the refined probabilities
+    panel: bool = False  # image | ground truth | one column per extra chain
+    overlay_alpha: float = 0.5
+    overwrite: bool = False  # recompute images a previous run finished with the same key
+
+
+class _Reader:
+    """The read-ahead half (pipeline.loop): whether an image's saved outputs stand, and its pixels."""
+
+    def __init__(self, dataset: Any, out: Path, keys: ResultKey, outputs: RefineOutputs) -> None:
+        self.dataset, self.out, self.keys, self.outputs = dataset, out, keys, outputs
+
+    def paths(self, name: str) -> dict[str, Path]:
+        """The files one image produces, by kind."""
+        paths = {"label": output_path(self.out, "labels", f"{name}.png"),
+                 "overlay": output_path(self.out, "overlays", f"{name}.png")}
+        if self.outputs.save_probs:
+            paths["probs"] = output_path(self.out, "probs", f"{name}.safetensors")
+        if self.outputs.panel:
+            paths["panel"] = output_path(self.out, "panels", f"{name}.png")
+        return paths
+
+    def __call__(self, item: Prepared) -> None:
+        source = self.dataset.source(item.index)
+        item.name = source.name
+        item.key = self.keys.of(source)
+        paths = self.paths(item.name)
+        record = output_path(self.out, "records", f"{item.name}.json")
+        item.reason = "overwrite" if self.outputs.overwrite else _reuse_reason(record, item.key, paths)
+        if item.reason is not None or source.label is not None:
+            item.sample = self.dataset[item.index]
+        if item.reason is None and item.sample is not None:
+            item.saved = load_label(paths["label"])
+
+
+def _reuse_reason(record: Path, key: dict, outputs: Mapping[str, Path]) -> str | None:
+    """None when the image's record matches `key` and its outputs are as recorded, else why not."""
+    if not record.is_file():
+        return "new"
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        saved_key, files = saved["key"], saved["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable record"
+    if not isinstance(saved_key, dict) or not isinstance(files, dict):
+        return "unreadable record"
+    reason = stale_reason(saved_key, key)
+    if reason is not None:
+        return reason
+    for kind, path in outputs.items():
+        if not path.is_file() or files.get(kind) != file_fingerprint(path):
+            return "outputs changed"
+    return None
+
+
+def refine_dataset(
+    segmenter: Segmenter,
+    chains: Mapping[str, Chain],
+    dataset: Any,
+    out: Path,
+    keys: ResultKey,
+    outputs: RefineOutputs = RefineOutputs(),
+    options: RunOptions = RunOptions(on_error="skip"),
+) -> dict[str, Any]:
+    """Refine every image of `dataset` with chains[MAIN] into `out` (module doc); the summary.
+
+    chains: MAIN, and with outputs.panel the panel's other columns, all run on one generator
+    pass. The summary: images, refined, reused / not_reused (why), failed, wall_seconds,
+    images_per_second (refined images over the wall time of all ranks together),
+    seconds_per_image by stage, classes, and metrics when the dataset has labels.
+    """
+    if MAIN not in chains:
+        raise ValueError(f"refine_dataset needs a chain named {MAIN!r}; got {list(chains)}")
+    reader = _Reader(dataset, Path(out), keys, outputs)
+    class_names = list(segmenter.class_names)
+    palette = voc_palette(256)
+    totals = _Totals(ConfusionMatrix(len(class_names), ignore_index=dataset.ignore_index))
+
+    def predict(items: list[Prepared]) -> list[dict]:
+        return segmenter.predict_batch([it.sample.image for it in items], chains, keep_probs=outputs.save_probs)
+
+    def finish(item: Prepared, preds: dict | None) -> None:
+        totals.log.add(item.reason)
+        labels = item.saved
+        if preds is not None:
+            labels = preds[MAIN].labels
+            totals.add_times(preds[MAIN].times)
+            paths = reader.paths(item.name)
+            _write(paths, item.sample, preds, palette, outputs)
+            write_json(output_path(reader.out, "records", f"{item.name}.json"),
+                       {"key": item.key, "outputs": {kind: file_fingerprint(p) for kind, p in paths.items()}})
+        if item.sample is not None and item.sample.label is not None:
+            totals.matrix.update(labels, item.sample.label)
+            totals.labelled += 1
+
+    barrier(options.info)
+    start = time.perf_counter()
+    failures = run_items(len(dataset), reader, predict, finish, options, desc="refine")
+    merged = _Totals.merge(all_gather_object(totals, options.info))
+    wall = time.perf_counter() - start
+    summary = {
+        "images": len(dataset),
+        "refined": merged.refined,
+        **merged.log.summary(),
+        "failed": failures.items,
+        "wall_seconds": wall,
+        "images_per_second": merged.refined / wall if wall > 0 else 0.0,
+        "processes": options.info.world_size,
+        "seconds_per_image": merged.stage_means(),
+        "classes": class_names,
+    }
+    if merged.labelled:
+        summary["metrics"] = merged.matrix.compute()
+    return summary
+
+
+class _Totals:
+    """What one rank accumulates; summed over the ranks at the end."""
+
+    def __init__(self, matrix: ConfusionMatrix) -> None:
+        self.matrix = matrix
+        self.labelled = 0
+        self.refined = 0
+        self.log = ReuseLog()
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+
+    def add_times(self, times: Mapping[str, float]) -> None:
+        self.refined += 1
+        for stage, seconds in times.items():
+            self.stage_seconds[stage] += seconds
+
+    def stage_means(self) -> dict[str, float]:
+        """Mean seconds per refined image for each stage."""
+        return {stage: total / self.refined for stage, total in self.stage_seconds.items()} if self.refined else {}
+
+    @staticmethod
+    def merge(parts: list["_Totals"]) -> "_Totals":
+        total = parts[0]
+        for part in parts[1:]:
+            total.matrix.merge(part.matrix)
+            total.labelled += part.labelled
+            total.refined += part.refined
+            total.log.merge(part.log)
+            for stage, seconds in part.stage_seconds.items():
+                total.stage_seconds[stage] += seconds
+        return total
+
+
+def _write(paths: Mapping[str, Path], sample: Any, preds: Mapping[str, Any], palette: np.ndarray,
+           outputs: RefineOutputs) -> None:
+    """Overlay, probabilities and panel, then the label PNG."""
+    labels = preds[MAIN].labels
+    save_overlay(paths["overlay"], sample.image, labels, palette, alpha=outputs.overlay_alpha)
+    if "probs" in paths:
+        _save_probs(paths["probs"], preds[MAIN].probs)
+    if "panel" in paths:
+        columns = [("image", sample.image)] + [(t, colorize(p.labels, palette)) for t, p in preds.items() if t != MAIN]
+        if sample.label is not None:
+            columns.insert(1, ("ground truth", colorize(sample.label.astype(np.int64), palette)))
+        save_rgb(paths["panel"], make_panel(columns))
+    save_label_png(paths["label"], labels, palette)
+
+
+def _save_probs(path: Path, probs) -> None:
+    from safetensors.numpy import save
+
+    with atomic_write(path) as f:
+        f.write(save({"probs": probs.numpy().astype(np.float16)}))
