@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -12,16 +11,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ..data import build_dataset, load_vocab
-from ..data.io import atomic_write, remove_stale_temporaries, set_max_image_pixels
+from ..data.io import set_max_image_pixels
 from ..samples import sample_paths
 from ..schema import check_config
+from ..writing import remove_stale_temporaries
 
 
 def prepare(cfg: DictConfig, command: str, out: Path | None = None) -> Path:
     """Check the config, apply the image size limit, tidy the output folder (cfg.output_dir
     unless `out` names the run's own); returns the folder.
 
-    Temporary files that a killed run left behind (see data.io.atomic_write) are removed.
+    Temporary files that a killed run left behind (see maskclip_apro.writing) are removed.
     """
     check_config(cfg, command)
     set_max_image_pixels(cfg.get("max_image_pixels"))
@@ -79,12 +79,6 @@ def stage_summary(times: Iterable[Mapping[str, float]]) -> dict[str, float]:
         for stage, seconds in t.items():
             totals[stage] += seconds
     return {stage: total / count for stage, total in totals.items()} if count else {}
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """JSON, written atomically."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=float)
 
 
 def resolved(cfg: DictConfig) -> dict:

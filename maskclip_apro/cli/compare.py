@@ -8,8 +8,8 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import hydra_app
-from ..data.io import atomic_write, output_path
-from .common import prepare, resolved, write_json
+from ..writing import atomic_write, output_path, write_json
+from .common import prepare, resolved
 from .methods import methods_table, run_methods
 from .reuse import ReuseLog
 from .sweep import job_output_dir

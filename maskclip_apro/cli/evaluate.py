@@ -9,9 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..config import hydra_app, refine_steps
-from ..data.io import output_path
 from ..evaluation import format_table
-from .common import prepare, resolved, write_json
+from ..writing import output_path, write_json
+from .common import prepare, resolved
 from .methods import methods_table, run_methods
 from .reuse import ReuseLog
 

@@ -20,12 +20,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ..config import protocol_name
-from ..data.io import atomic_write, output_path
-from ..data.palette import voc_palette
+from ..palette import voc_palette
 from ..evaluation import ConfusionMatrix
 from ..refiners import Chain
 from ..segmenter import Segmenter
-from ..visualize import colorize, make_panel, save_rgb
+from ..visualize import make_panel
+from ..writing import atomic_write, output_path, save_rgb
 from .common import Failures, open_inputs
 from .reuse import ResultKey, ReuseLog, read_key, stale_reason
 
@@ -136,8 +136,9 @@ def _compute(segmenter, chains, sample, names, k, ignore_index, warmed, panel) -
     if not panel:
         return record, None
     palette = voc_palette(256)
-    columns = [("image", sample.image), ("ground truth", colorize(sample.label.astype(np.int64), palette))]
-    return record, make_panel(columns + [(m, colorize(p.labels, palette)) for m, p in preds.items()])
+    columns = [("image", sample.image), ("ground truth", sample.label)]
+    columns += [(m, p.labels) for m, p in preds.items()]
+    return record, make_panel(columns, class_names=segmenter.class_names, palette=palette)
 
 
 def methods_table(results: dict) -> str:

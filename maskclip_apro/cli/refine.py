@@ -14,18 +14,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ..config import hydra_app, protocol_name
 from ..data.base import file_fingerprint
-from ..data.io import atomic_write, load_label, output_path, save_label_png, save_overlay
-from ..data.palette import voc_palette
+from ..data.io import load_label
 from ..evaluation import ConfusionMatrix, format_table
+from ..palette import voc_palette
 from ..refiners import Chain
 from ..segmenter import Segmenter
-from ..visualize import colorize, make_panel, save_rgb
-from .common import Failures, open_inputs, prepare, resolved, stage_summary, write_json
+from ..visualize import make_panel, save_overlay
+from ..writing import output_path, save_label_png, save_rgb, save_safetensors, write_json
+from .common import Failures, open_inputs, prepare, resolved, stage_summary
 from .reuse import ResultKey, ReuseLog, stale_reason
 
 
@@ -36,10 +38,7 @@ def panel_steps(generator) -> dict[str, list[str]]:
 
 
 def _save_probs(path: Path, probs) -> None:
-    from safetensors.numpy import save
-
-    with atomic_write(path) as f:
-        f.write(save({"probs": probs.numpy().astype(np.float16)}))
+    save_safetensors(path, {"probs": probs.to(torch.float16)})
 
 
 def _outputs(out: Path, name: str, cfg: DictConfig) -> dict[str, Path]:
@@ -154,10 +153,10 @@ def _write(outputs: dict[str, Path], image: np.ndarray, preds: dict, palette: np
     if "probs" in outputs:
         _save_probs(outputs["probs"], preds["main"].probs)
     if "panel" in outputs:
-        columns = [("image", image)] + [(t, colorize(p.labels, palette)) for t, p in preds.items() if t != "main"]
+        columns = [("image", image)] + [(t, p.labels) for t, p in preds.items() if t != "main"]
         if truth is not None:
-            columns.insert(1, ("ground truth", colorize(truth.astype(np.int64), palette)))
-        save_rgb(outputs["panel"], make_panel(columns))
+            columns.insert(1, ("ground truth", truth))
+        save_rgb(outputs["panel"], make_panel(columns, class_names=preds["main"].class_names, palette=palette))
     save_label_png(outputs["label"], labels, palette)
 
 

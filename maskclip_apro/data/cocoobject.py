@@ -16,16 +16,16 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ..writing import save_label_png
 from .base import Item, SegDataset, require
 from .folder import is_hidden
-from .io import atomic_write, load_label
+from .io import load_label
 from .vocab import load_vocab
 
 UNUSED_THING_VALUES = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)  # COCO ids 12, 26, ... 91 minus one
 STUFF_VALUES = range(91, 182)
-UNLABELLED = 255
+UNLABELLED = 255  # the raw maps' value for unlabelled pixels (a file format value: COCO-Object makes them background)
 INVALID = -1
 LABEL_SUFFIX = "_instanceTrainIds.png"
 
@@ -76,8 +76,7 @@ def convert_coco_object(
             raise FileNotFoundError(f"no raw label maps (*.png without 'TrainIds') in {str(src)!r}")
         for path in maps:
             label = to_coco_object(load_label(path), repr(str(path)))
-            with atomic_write(out_root / "annotations" / split / f"{path.stem}{LABEL_SUFFIX}") as f:
-                Image.fromarray(label, mode="L").save(f, format="PNG")
+            save_label_png(out_root / "annotations" / split / f"{path.stem}{LABEL_SUFFIX}", label, grayscale=True)
             count += 1
     images = out_root / "images"
     if out_root.resolve() != coco_root.resolve() and not images.exists():
