@@ -19,7 +19,7 @@ import numpy as np
 
 from ..writing import save_label_png
 from .base import Item, SegDataset, require
-from .folder import is_hidden
+from .cocostuff import coco_folders
 from .io import load_label
 from .vocab import load_vocab
 
@@ -92,13 +92,7 @@ class COCOObjectDataset(SegDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "val", limit: int | None = None):
-        root = require(Path(root), "dataset root")
-        folder = split if split.endswith("2017") else f"{split}2017"
-        image_dir = require(root / "images" / folder, "image folder")
-        label_dir = require(root / "annotations" / folder, "annotation folder")
-        images = sorted(p for p in image_dir.glob("*.jpg") if not is_hidden(p))
-        if not images:
-            raise FileNotFoundError(f"no .jpg images in {str(image_dir)!r}")
+        images, label_dir = coco_folders(root, split)
         if not any(label_dir.glob(f"*{LABEL_SUFFIX}")):
             raise FileNotFoundError(
                 f"no COCO-Object labels (*{LABEL_SUFFIX}) in {str(label_dir)!r}: convert the COCO-Stuff "
