@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ..config import protocol_name
-from ..palette import voc_palette
 from ..evaluation import ConfusionMatrix
+from ..palette import voc_palette
 from ..refiners import Chain
 from ..segmenter import Segmenter
 from ..visualize import make_panel
