@@ -2,6 +2,7 @@
 
 For leaf i, every pixel j meets i first at their lowest common KRT ancestor u, whose altitude
 w_u is the largest edge on the MST path (the minimax distance), so with a_u = exp(-w_u / zeta^2)
+(`node_affinity`, the one place zeta enters)
 
     sum_j psi(i, j) phi_j = phi_i + sum_{u ancestor of i} a_u * S(sibling side of i at u).
 
@@ -19,8 +20,6 @@ leaf ranges, children (B, N-1, 2), altitude (B, N-1), zeta > 0) -> (B, K, N).
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 import torch
@@ -32,6 +31,15 @@ def node_ranges(lo: torch.Tensor, hi: torch.Tensor, children: torch.Tensor) -> t
     """(lo, mid, hi) of every internal node: its range and the split between its two children."""
     n = children.shape[1] + 1
     return lo[:, n:], hi.gather(1, children[:, :, 0]), hi[:, n:]
+
+
+def node_affinity(altitude: torch.Tensor, zeta: float) -> torch.Tensor:
+    """a_u = exp(-w_u / zeta^2) of every internal node (B, N-1), float64, for every backend.
+
+    zeta is the `zeta` of `maskclip_apro.apro.propagate`: refine.apro.zeta_g in pass 1, zeta_h in
+    the second pass.
+    """
+    return torch.exp(-altitude.double() / zeta**2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +54,7 @@ def propagate_reference(unary, order, lo, hi, children, altitude, zeta: float) -
     x = x.gather(2, idx)  # leaf order
     prefix = torch.nn.functional.pad(x.cumsum(2), (1, 0))  # P[p] = sum of the first p leaves
     l, m, h = (r[:, None, :].expand(bsz, k + 1, n - 1) for r in node_ranges(lo, hi, children))
-    a = torch.exp(-altitude.double() / zeta**2)[:, None, :]
+    a = node_affinity(altitude, zeta)[:, None, :]
     s_a = prefix.gather(2, m) - prefix.gather(2, l)
     s_b = prefix.gather(2, h) - prefix.gather(2, m)
     diff = torch.zeros(bsz, k + 1, n + 1, dtype=torch.float64, device=unary.device)
@@ -63,8 +71,9 @@ def propagate_reference(unary, order, lo, hi, children, altitude, zeta: float) -
 
 
 @numba.njit(parallel=True, cache=True)
-def _node_tables(children, lo, hi, altitude, inv_z2, scratch, tl_lo, tl_mid, tl_hi, tl_a, inv_den):
-    """Internal nodes in DFS preorder (for cache locality) and 1 / normaliser per leaf position.
+def _node_tables(children, lo, hi, affinity, scratch, tl_lo, tl_mid, tl_hi, tl_a, inv_den):
+    """Internal nodes in DFS preorder (for cache locality) with their affinities, and 1 / normaliser
+    per leaf position.
 
     scratch (B, 2N-1) float64 holds each image's preorder positions, then its difference array.
     """
@@ -82,7 +91,7 @@ def _node_tables(children, lo, hi, altitude, inv_z2, scratch, tl_lo, tl_mid, tl_
             tl_lo[b, r] = lo[b, u]
             tl_mid[b, r] = hi[b, ca]
             tl_hi[b, r] = hi[b, u]
-            tl_a[b, r] = math.exp(-altitude[b, t] * inv_z2)
+            tl_a[b, r] = affinity[b, t]
         diff = scratch[b, : n + 1]
         diff[:] = 0.0
         for r in range(m):
@@ -161,7 +170,7 @@ def propagate_cpu(unary, order, lo, hi, children, altitude, zeta: float) -> torc
     tl_a = np.empty((bsz, m), dtype=np.float64)
     inv_den = np.empty((bsz, n), dtype=np.float64)
     _node_tables(
-        children.numpy(), lo.numpy(), hi.numpy(), altitude.double().numpy(), 1.0 / zeta**2,
+        children.numpy(), lo.numpy(), hi.numpy(), node_affinity(altitude, zeta).numpy(),
         np.empty((bsz, 2 * n - 1)), tl_lo, tl_mid, tl_hi, tl_a, inv_den,
     )
     out = np.empty_like(phi)
@@ -220,7 +229,7 @@ def propagate_triton(unary, order, lo, hi, children, altitude, zeta: float) -> t
     if n == 1:
         return unary.clone()
     l, m, h = (r.contiguous() for r in node_ranges(lo, hi, children))
-    a = torch.exp(-altitude.double() / zeta**2).contiguous()
+    a = node_affinity(altitude, zeta).contiguous()
     ones = torch.arange(n + 1, dtype=torch.float64, device=unary.device).expand(bsz, 1, n + 1).contiguous()
     den = 1.0 + _range_add_triton(ones, l, m, h, a).cumsum(2)[:, :, :n]
     out = torch.empty_like(unary, memory_format=torch.contiguous_format)

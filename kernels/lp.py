@@ -1,7 +1,7 @@
 """APro local propagation (LP) kernels: one stencil, a reference, a CPU route and a Triton kernel.
 
 LP repeats a fixed k x k stencil over every channel of a map: y_i <- sum_j w_ij y_j, where
-w_ij = psi(i, j) / sum_j' psi(i, j') and psi(i, j) = exp(-|I_i - I_j|^2 / zeta^2) for the
+w_ij = psi(i, j) / sum_j' psi(i, j') and psi(i, j) = exp(-|I_i - I_j|^2 / zeta_s^2) for the
 in-image neighbours j of i (self included). The weights depend only on the image, so they are
 computed once (`lp_weights`, shape (B, k*k, H, W), tap d = dy * k + dx for the offset
 (dy - r, dx - r), r = k // 2, zero for out-of-image neighbours) and every backend applies the
@@ -17,6 +17,8 @@ same pre-normalised stencil `iters` times:
 The op's one signature, shared by the backends (docs/kernels.md):
 local_propagation(unary (B, K, H, W), image (B, C, H, W), zeta_s, kernel_size, iters) -> (B, K, H, W),
 implemented by `lp_reference` (torch), `lp_cpu_image` (cpu) and `lp_triton_image` (triton).
+zeta_s is the `zeta_s` of `maskclip_apro.apro.local_propagation` and of `refine.apro.zeta_s`; the
+numba weights take it as inv_zeta_s2 = 1 / zeta_s^2 (computed in `lp_cpu_image`).
 """
 
 from __future__ import annotations
@@ -83,13 +85,13 @@ _CHAINS = 5  # independent FMA chains per output vector: hides FMA latency witho
 
 
 @numba.njit(nogil=True, cache=True)
-def _cpu_log_psi(image, inv_z2, k, out, first, last):  # pragma: no cover - compiled
+def _cpu_log_psi(image, inv_zeta_s2, k, out, first, last):  # pragma: no cover - compiled
     """log psi(p, p + o) for the k*k // 2 taps o after the centre, rows [first, last); -inf outside.
 
     out is (B, H, k*k // 2 * W), tap-major within a row. psi(p, q) = psi(q, p) bit for bit, so
     the taps before the centre are read from these in `_cpu_normalise` and each pair costs one
-    exp (taken by torch, vectorised, in between). inv_z2 = 1 / zeta^2 carries the image dtype,
-    so float32 images stay in float32.
+    exp (taken by torch, vectorised, in between). inv_zeta_s2 = 1 / zeta_s^2 carries the image
+    dtype, so float32 images stay in float32.
     """
     n_ch, h, w = image.shape[1:]
     r = k // 2
@@ -118,7 +120,7 @@ def _cpu_log_psi(image, inv_z2, k, out, first, last):  # pragma: no cover - comp
                     diff = here[lo + j] - there[j]
                     acc[lo + j] += diff * diff
             for j in range(lo, hi):
-                row[base + j] = -acc[j] * inv_z2
+                row[base + j] = -acc[j] * inv_zeta_s2
 
 
 @numba.njit(nogil=True, cache=True)

@@ -136,3 +136,9 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
 def refine_steps(cfg: DictConfig) -> list[str]:
     """The refiner step names of the run's refine preset."""
     return list(cfg.refine.get("steps", []))
+
+
+def refine_params(cfg: DictConfig) -> dict[str, Any]:
+    """The run's refine block as plain Python values: refiner family -> keyword arguments (and the
+    steps), what refiners.Chain.from_steps and build_refiner take."""
+    return OmegaConf.to_container(cfg.refine, resolve=True)

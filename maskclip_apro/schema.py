@@ -4,12 +4,12 @@ Hydra hands `panel=no` over as the string "no", which Python treats as true, and
 unknown `+refine.apro.zeta_gg=1` on to the refiner as a keyword it does not take. check_config
 turns each such mistake into one ValueError that names the key, the value and what the key
 accepts. It checks the keys listed here when present (keys added elsewhere are left alone), the
-parameters of the refiner families against the refiners' own arguments, and unset `???` values.
+parameters of the refiner families against the refiners' own arguments (refiners.registry), and
+unset `???` values.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -103,8 +103,7 @@ def check_config(cfg: DictConfig, command: str) -> None:
         if not rule.test(value):
             raise ValueError(f"{key}={_show(value)} is not valid: {key} takes {rule.accepts}")
     _check_device(cfg)
-    for family in _refiner_classes():
-        _check_params(cfg, f"refine.{family}", family, exclude=())
+    _check_refiner_params(cfg)
     if command == "compare":
         _check_methods(cfg)
 
@@ -136,32 +135,19 @@ def _check_device(cfg: DictConfig) -> None:
             raise ValueError(f"device={value} asks for a GPU but torch finds {found}; use device=cpu")
 
 
-def _refiner_classes() -> dict[str, type]:
-    """Refiner family (the config group under refine) -> the class its parameters go to."""
-    from .refiners.apro import APro
-    from .refiners.ks import KeySmoothing
-    from .refiners.pamr import PAMR
-    from .refiners.pd import PromptDenoising
+def _check_refiner_params(cfg: DictConfig) -> None:
+    """Every key under refine.<family> must be an argument of that family's refiner (refiners.registry)."""
+    from .refiners.registry import FAMILIES, check_parameters
 
-    return {"ks": KeySmoothing, "pd": PromptDenoising, "apro": APro, "pamr": PAMR}
-
-
-def _check_params(cfg: DictConfig, key: str, family: str, exclude: tuple[str, ...]) -> None:
-    """Every key under `key` must be an argument of the family's refiner."""
-    node = OmegaConf.select(cfg, key, default=None)
-    if not isinstance(node, DictConfig):
-        return
-    accepted = [p for p in inspect.signature(_refiner_classes()[family]).parameters if p not in exclude]
-    unknown = [k for k in node if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"{key}.{unknown[0]} is not a parameter of the {family} refiner; it takes {', '.join(accepted)}"
-        )
+    for family in FAMILIES:
+        node = OmegaConf.select(cfg, f"refine.{family}", default=None)
+        if isinstance(node, DictConfig):
+            check_parameters(family, node)
 
 
 def _check_methods(cfg: DictConfig) -> None:
     """compare's methods: a mapping of names to lists of refiner step names."""
-    from .refiners.chain import STEPS
+    from .refiners.registry import STEPS
 
     methods = cfg.get("methods")
     container = OmegaConf.to_container(methods, resolve=True) if OmegaConf.is_config(methods) else methods

@@ -180,10 +180,10 @@ class Segmenter:
     @classmethod
     def from_config(cls, cfg: Any, class_names: Sequence[str]) -> "Segmenter":
         """Build from a composed run config (conf/refine.yaml layout) and a vocabulary."""
-        from .config import build_generator_from_config, refine_steps
+        from .config import build_generator_from_config, refine_params, refine_steps
 
         generator = build_generator_from_config(cfg, class_names)
-        return cls(generator, Chain.from_steps(refine_steps(cfg), cfg.refine))
+        return cls(generator, Chain.from_steps(refine_steps(cfg), refine_params(cfg)))
 
     @classmethod
     def from_pretrained(
@@ -198,21 +198,21 @@ class Segmenter:
         return cls.from_config(cfg, load_vocab(vocab))
 
     @torch.no_grad()
-    def unary(self, image: torch.Tensor):
-        """Generator output (generator.GeneratorOutput) for a (B, 3, H, W) batch in [0, 1].
+    def generate(self, images: torch.Tensor):
+        """The generator's whole dense output (generator.GeneratorOutput) for a (B, 3, H, W) batch in [0, 1].
 
-        .logits (B, K, h, w), .keys (B, C, h, w), .features (B, D, h, w) the dense projected
-        features before normalisation, .image the resized input; under the harness also
-        .pixel_cos (B, M, H, W).
+        .logits (B, K, h, w) the unary class scores, .keys (B, C, h, w), .features (B, D, h, w)
+        the dense projected features before normalisation, .image the resized input the model
+        saw; under the harness also .pixel_cos (B, M, H, W).
         """
-        return self.generator(image)
+        return self.generator(images)
 
     @staticmethod
     def probabilities(out: Any, image: torch.Tensor) -> tuple[torch.Tensor, Guidance]:
-        """Softmax of the unary logits, and the guidance the refiners read.
+        """Softmax of the generator's logits, and the guidance the refiners read.
 
-        The guidance image is the input at its own resolution (not the generator's resized
-        copy): refiners that work in image space choose their resolution from it.
+        `image` becomes guidance.image: the input at its own resolution (not the generator's
+        resized copy), from which refiners that work in image space choose their resolution.
         """
         logits = out.logits.float()
         if not bool(torch.isfinite(logits).all()):
@@ -255,7 +255,7 @@ class Segmenter:
         device = getattr(self.generator, "device", "cpu")
         batch = torch.cat([to_tensor(a, device) for a in arrays])
         start = time.perf_counter()
-        out = self.unary(batch)
+        out = self.generate(batch)
         generator_time = (time.perf_counter() - start) / n
         harness = getattr(out, "pixel_cos", None) is not None
         if harness:

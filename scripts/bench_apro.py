@@ -30,7 +30,6 @@ if "--structure" in sys.argv:  # Triton reads this when kernels are decorated, i
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 import bench_gp  # noqa: E402
 from maskclip_apro.apro import global_propagation, local_propagation  # noqa: E402
 from maskclip_apro.kernels import _triton, gp_tree, gp_tree_triton, registry  # noqa: E402
+from maskclip_apro.writing import write_json  # noqa: E402
 
 ZETA = bench_gp.ZETA
 STAGES = ["weights", "mst", "sort", "krt", "leaf ranges", "propagate"]
@@ -309,8 +309,7 @@ def main() -> None:
         if device.type == "cpu":
             print("\ncpu path: 'sort' is the radix sort of all grid edges; MST and KRT are one Kruskal pass (KRT column)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_json(args.json, {"meta": meta, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

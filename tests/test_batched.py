@@ -14,7 +14,8 @@ from PIL import Image
 from maskclip_apro.cli import compare, evaluate, refine
 from maskclip_apro.config import compose
 from maskclip_apro.data import build_dataset
-from maskclip_apro.data.io import load_label, save_label_png
+from maskclip_apro.data.io import load_label
+from maskclip_apro.writing import save_label_png
 from maskclip_apro.distributed import DistInfo, shard
 from maskclip_apro.pipeline import loop
 from maskclip_apro.pipeline.loop import Prepared, RunOptions, run_items

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from maskclip_apro.data import DATASET_NAMES, Sample, build_dataset
-from maskclip_apro.data.io import save_label_png
+from maskclip_apro.writing import save_label_png
 
 RNG = np.random.default_rng(0)
 

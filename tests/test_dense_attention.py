@@ -248,7 +248,7 @@ def test_vitdense_runs_each_mode_on_the_tokens_it_builds(visual, mode):
 
 
 def test_dense_backbone_settings_are_checked(visual):
-    from maskclip_apro.generator.maskclip import build_dense_backbone
+    from maskclip_apro.generator.build import build_dense_backbone
     from maskclip_apro.generator.models import load_clip as load
 
     with pytest.raises(ValueError, match="model.dense must be one of"):

@@ -17,7 +17,8 @@ from PIL import Image
 
 from maskclip_apro.cli import compare, evaluate, refine
 from maskclip_apro.config import compose
-from maskclip_apro.data.io import load_label, save_label_png
+from maskclip_apro.data.io import load_label
+from maskclip_apro.writing import save_label_png
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model=tiny_vit", "generator.short_side=64", "generator.window=64", "generator.stride=32",

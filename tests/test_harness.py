@@ -538,7 +538,7 @@ def test_segmenter_labels_are_the_harness_postprocess_with_and_without_pamr(text
     chains = {"plain": Chain([]), "+PAMR": Chain.from_steps(["pamr_logits"], {})}
     preds = seg.predict_many(image, chains)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    out = seg.unary(x)
+    out = seg.generate(x)
     owner = seg.generator.owner
     probs, labels = harness_labels(out.pixel_cos, owner, 3, logit_scale=40.0, prob_thd=0.4, area_thd=0.1)
     assert np.array_equal(preds["plain"].labels, labels[0].numpy())
@@ -561,7 +561,7 @@ def test_apro_under_the_harness_works_at_its_scale_of_the_patch_grid(text_cache)
 
     seg = Segmenter(harness_generator(text_cache, "naclip"))
     image = (torch.rand(90, 120, 3, generator=torch.Generator().manual_seed(16)) * 255).to(torch.uint8).numpy()
-    out = seg.unary(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+    out = seg.generate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
     probs, guidance = seg.harness_probabilities(out, {})
     assert guidance.grid == (3, 4) and probs.shape == (1, 5, 90, 120)  # 48 x 64 resized, 16-px cells
     apro = Chain.from_steps(["apro"], {"apro": {"lp_scale": 4.0, "gp_scale": 2.0, "iters": 2}})

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskclip_apro.data import voc_palette
-from maskclip_apro.data.io import atomic_write, load_image, load_label, save_label_png, save_overlay
+from maskclip_apro.data.io import load_image, load_label
+from maskclip_apro.palette import voc_palette
+from maskclip_apro.visualize import save_overlay
+from maskclip_apro.writing import atomic_write, save_label_png
 
 
 def test_voc_palette_known_colours():
@@ -294,12 +296,12 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     import subprocess
     import sys
 
-    from maskclip_apro.data.io import remove_stale_temporaries
+    from maskclip_apro.writing import remove_stale_temporaries
 
     labels = tmp_path / "out" / "labels"
     killed = (
         "import os, signal, sys\n"
-        "from maskclip_apro.data.io import atomic_write\n"
+        "from maskclip_apro.writing import atomic_write\n"
         "with atomic_write(sys.argv[1]) as f:\n"
         "    f.write(b'half')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -323,7 +325,7 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
 
 
 def test_output_paths_never_leave_the_output_folder(tmp_path):
-    from maskclip_apro.data.io import output_path
+    from maskclip_apro.writing import output_path
 
     assert output_path(tmp_path, "labels", "2007_000032.png") == tmp_path / "labels" / "2007_000032.png"
     assert output_path(tmp_path, "labels", "sub/x.png") == tmp_path / "labels" / "sub" / "x.png"

@@ -192,7 +192,7 @@ def test_segmenter_chains_on_tiny_models_give_the_official_argmax(model, tmp_pat
     image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(9))
     seg = Segmenter.from_pretrained(model=model, vocab=["cat", "dog", "grass", "sky"], refine="none",
                                     overrides=["protocol=maskclip", f"generator.cache_dir={tmp_path}"])
-    out = seg.unary(image)
+    out = seg.generate(image)
     probs, guidance = Segmenter.probabilities(out, image)
     assert out.keys is not None and out.keys.shape[-2:] == probs.shape[-2:]
     cos = (out.logits.double() / seg.generator.logit_scale).float()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_apro.generator import build_generator
-from maskclip_apro.generator.models import IMAGENET_MEAN, IMAGENET_STD
+from maskclip_apro.constants import IMAGENET_MEAN, IMAGENET_STD
 from maskclip_apro.geometry import rescale_size
 
 NAMES = ["background", "cat", "dog"]

@@ -127,7 +127,7 @@ def test_from_pretrained_under_the_maskclip_protocol(cache):
                    "generator.img_scale=[96, 64]"],
     )
     assert isinstance(seg.generator.model, open_clip.CLIP)
-    out = seg.unary(torch.rand(2, 3, 50, 70))
+    out = seg.generate(torch.rand(2, 3, 50, 70))
     assert out.image.shape[-2:] == (64, 90) and out.logits.shape == (2, 3, 4, 6)  # keep ratio, padded to 96
     assert out.logits.shape[:2] == (2, 3) and out.features.shape[:2] == (2, 32)
     assert out.keys.shape[-2:] == out.logits.shape[-2:] == out.features.shape[-2:]
@@ -142,7 +142,7 @@ def test_labels_without_refiners_come_from_the_upsampled_logits(cache):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
     pred = seg.predict_many(image, {"MaskCLIP": Chain([])})["MaskCLIP"]
-    out = seg.unary(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+    out = seg.generate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
     want = F.interpolate(out.logits, size=(50, 70), mode="bilinear", align_corners=False).argmax(1)[0]
     assert np.array_equal(pred.labels, want.numpy())
 

@@ -156,14 +156,14 @@ def test_unknown_step_and_bad_options_are_named():
 def test_refine_params_are_one_source_and_not_a_preset():
     from hydra.errors import MissingConfigException
 
-    from maskclip_apro.config import compose
+    from maskclip_apro.config import compose, refine_params
 
     cfg = compose("refine", ["refine=apro"])
     assert set(cfg.refine) == {"steps", "ks", "pd", "apro", "pamr"}
     assert compose("refine", ["refine=ks_pd"]).refine.steps == ["pd", "ks"]
     assert compose("refine", ["refine=apro_pd"]).refine.steps == ["pd", "apro"]
-    official = compose("refine", ["refine=apro_official"]).refine
-    assert official.steps == ["apro"] and official.apro.second_pass == "output"
+    official = refine_params(compose("refine", ["refine=apro_official"]))
+    assert official["steps"] == ["apro"] and official["apro"]["second_pass"] == "output"
     assert build_refiner("apro", official).zeta_g == 0.01
     with pytest.raises(MissingConfigException):
         compose("refine", ["refine=_params"])
@@ -176,3 +176,34 @@ def test_refiner_classes_are_exported_by_name():
     assert refiners.APro(mode="gp").name == "gp"
     with pytest.raises(AttributeError):
         refiners.CRF  # noqa: B018
+
+
+def test_the_registry_builds_every_step_from_plain_keyword_arguments():
+    """Each step: its class, its family's parameters, the arguments it fixes (refiners/registry.py)."""
+    import inspect
+
+    from maskclip_apro import refiners
+    from maskclip_apro.refiners.registry import FAMILIES, STEP_TABLE, family_parameters
+
+    params = {"ks": {"thresh": 0.9}, "pd": {"thresh": 0.4, "keep": [0]}, "pamr": {"dilations": [1, 2], "iters": 3},
+              "apro": {"mode": "lp", "zeta_g": 0.3, "iters": 2}, "steps": ["ignored"]}
+    expected = {"ks": ("KeySmoothing", "ks"), "pd": ("PromptDenoising", "pd"), "pamr": ("PAMR", "pamr"),
+                "pamr_logits": ("PAMRLogits", "pamr_logits"), "apro": ("APro", "apro"), "gp": ("APro", "gp"),
+                "lp": ("APro", "lp"), "lp_gp": ("APro", "lp>gp"), "gp_lp": ("APro", "gp>lp"),
+                "gp_lp_parallel": ("APro", "apro")}
+    assert set(STEP_TABLE) == set(expected) == set(refiners.STEPS)
+    for step, (cls, name) in expected.items():
+        refiner = build_refiner(step, params)
+        assert type(refiner) is getattr(refiners, cls) and refiner.name == name, step
+    assert build_refiner("ks", params).thresh == 0.9 and build_refiner("pd", params).keep == (0,)
+    assert build_refiner("pamr_logits", params).dilations == (1, 2) == build_refiner("pamr", params).dilations
+    assert build_refiner("apro", params).mode == "lp" and build_refiner("gp", params).zeta_g == 0.3
+    for family, cls in FAMILIES.items():
+        assert family_parameters(family) == tuple(inspect.signature(getattr(refiners, cls)).parameters)
+
+
+def test_the_registry_names_an_unknown_parameter():
+    with pytest.raises(ValueError, match="refine.apro.zeta is not a parameter of the apro refiner; it takes mode, zeta_g"):
+        build_refiner("gp", {"apro": {"zeta": 0.1}})
+    with pytest.raises(ValueError, match="refine.pamr.dilation is not a parameter"):
+        Chain.from_steps(["pd", "pamr_logits"], {"pamr": {"dilation": 3}})

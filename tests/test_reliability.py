@@ -15,7 +15,7 @@ from PIL import Image
 
 from maskclip_apro.cli import compare, evaluate, refine
 from maskclip_apro.config import compose
-from maskclip_apro.data.io import save_label_png
+from maskclip_apro.writing import save_label_png
 from maskclip_apro.generator.models import load_clip
 from maskclip_apro.pipeline import reuse
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskclip_apro.generator.vfm import IMAGENET_MEAN, IMAGENET_STD, load_vfm
+from maskclip_apro.constants import IMAGENET_MEAN, IMAGENET_STD
+from maskclip_apro.generator.vfm import load_vfm
 
 
 def imagenet(images):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from maskclip_apro.apro._checks import check_map, check_pair, check_positive
-from maskclip_apro.kernels import registry
-from maskclip_apro.kernels.gp_tree import Tree
+from ..checks import check_map, check_pair, check_positive
+from ..kernels import registry
+from ..kernels.gp_tree import Tree
 
 
 def _check_matches(name: str, x: torch.Tensor, tree: Tree) -> None:

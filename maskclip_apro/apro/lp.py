@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from maskclip_apro.apro._checks import check_map, check_pair, check_positive
-from maskclip_apro.kernels import registry
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+from ..checks import check_int, check_map, check_pair, check_positive
+from ..kernels import registry
 
 
 def local_propagation(
@@ -39,7 +33,7 @@ def local_propagation(
     check_map("image", image)
     check_pair("unary", unary, "image", image)
     zeta_s = check_positive("zeta_s", zeta_s)
-    kernel_size = _check_int("kernel_size", kernel_size, 1)
+    kernel_size = check_int("kernel_size", kernel_size, 1)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
     reach = max(unary.shape[-2:])
@@ -48,7 +42,7 @@ def local_propagation(
             f"kernel_size {kernel_size} is larger than 2 * max(H, W) + 1 = {2 * reach + 1} for a "
             f"{unary.shape[-2]}x{unary.shape[-1]} map; a window of {2 * reach - 1} already covers the whole image"
         )
-    iters = _check_int("iters", iters, 0)
+    iters = check_int("iters", iters, 0)
     name = registry.resolve(backend, unary.device)
     dtype = torch.float64 if torch.float64 in (unary.dtype, image.dtype) else torch.float32
     out = registry.run(

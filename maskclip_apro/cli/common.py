@@ -9,11 +9,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data import build_dataset, load_vocab
-from ..data.io import remove_stale_temporaries, set_max_image_pixels
+from ..data.io import set_max_image_pixels
 from ..distributed import DistInfo, barrier
 from ..pipeline.loop import RunOptions
 from ..samples import sample_paths
 from ..schema import check_config
+from ..writing import remove_stale_temporaries
 
 
 def check(cfg: DictConfig, command: str) -> None:
@@ -23,7 +24,7 @@ def check(cfg: DictConfig, command: str) -> None:
 
 
 def tidy(out: Path, info: DistInfo = DistInfo()) -> Path:
-    """Remove the temporary files a killed run left in `out` (see data.io.atomic_write); under
+    """Remove the temporary files a killed run left in `out` (see maskclip_apro.writing); under
     torchrun rank 0 does it while the others wait, so no rank removes a file another is writing."""
     out = Path(out)
     if info.is_main:

@@ -11,8 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import hydra_app
-from ..data.io import atomic_write, output_path
 from ..evaluation import methods_table
+from ..writing import atomic_write, output_path
 from .methods import score
 from .sweep import job_output_dir
 

@@ -1,5 +1,5 @@
 """What evaluate and compare share: build the segmenter and the method chains from the config,
-score them with evaluation.runner, and have rank 0 report and write results.json."""
+score them with pipeline.score, and have rank 0 report and write results.json."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Callable, Mapping, Sequence
 
 from omegaconf import DictConfig
 
-from ..config import protocol_name
-from ..data.io import output_path
+from ..config import protocol_name, refine_params
 from ..distributed import broadcast_object, process_group
-from ..evaluation.runner import score_methods
-from ..pipeline.reuse import ResultKey, ReuseLog, write_json
+from ..pipeline.score import score_methods
+from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
 from ..segmenter import Segmenter
+from ..writing import output_path, write_json
 from .common import check, on_device, open_inputs, resolved, run_options, tidy
 
 
@@ -35,7 +35,7 @@ def score(
         segmenter = Segmenter.from_config(on_device(cfg, info), class_names)
         steps = {m: list(v) for m, v in methods.items()}
         keys = ResultKey(resolved(cfg), class_names, segmenter.generator.identity, {"methods": steps})
-        chains = {m: Chain.from_steps(s, cfg.refine) for m, s in steps.items()}
+        chains = {m: Chain.from_steps(s, refine_params(cfg)) for m, s in steps.items()}
         results = score_methods(segmenter, chains, steps, dataset, out, keys, protocol_name(cfg), panels,
                                 run_options(cfg, info, "stop"))
         if info.is_main:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..config import hydra_app, protocol_name
+from ..config import hydra_app, protocol_name, refine_params
 from ..distributed import process_group
 from ..evaluation import format_table
 from ..pipeline.loop import check_some_succeeded
 from ..pipeline.refine import MAIN, RefineOutputs, refine_dataset
-from ..pipeline.reuse import ResultKey, ReuseLog, write_json
-from ..data.io import output_path
+from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
 from ..segmenter import Segmenter
+from ..writing import output_path, write_json
 from .common import check, on_device, open_inputs, resolved, run_options, tidy
 
 
@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
         keys = ResultKey(resolved(cfg), class_names, segmenter.generator.identity, {"overlay_alpha": cfg.overlay_alpha})
         chains = {MAIN: segmenter.refiner}
         if cfg.panel:
-            chains.update({title: Chain.from_steps(steps, cfg.refine)
+            chains.update({title: Chain.from_steps(steps, refine_params(cfg))
                            for title, steps in panel_steps(segmenter.generator).items()})
         outputs = RefineOutputs(save_probs=cfg.save_probs, panel=cfg.panel, overlay_alpha=cfg.overlay_alpha,
                                 overwrite=cfg.overwrite)

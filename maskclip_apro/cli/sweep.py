@@ -19,8 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.io import atomic_write
-from ..pipeline.reuse import write_json
+from ..writing import atomic_write, write_json
 
 
 def job_output_dir(cfg: DictConfig) -> Path:

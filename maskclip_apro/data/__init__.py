@@ -1,18 +1,15 @@
-"""Datasets, image/label IO and class vocabularies."""
+"""Datasets, image and label readers, class vocabularies (docs/data.md)."""
 
-from .base import IGNORE_INDEX, Sample
+from .base import Sample
 from .build import DATASET_NAMES, build_dataset
-from .palette import voc_palette
 from .vocab import BUILTIN_VOCABS, load_vocab, primary_name, split_synonyms
 
 __all__ = [
     "BUILTIN_VOCABS",
     "DATASET_NAMES",
-    "IGNORE_INDEX",
     "Sample",
     "build_dataset",
     "load_vocab",
     "primary_name",
     "split_synonyms",
-    "voc_palette",
 ]

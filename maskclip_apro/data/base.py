@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import IGNORE_INDEX
 from .io import load_image, load_label
 from .vocab import is_background
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

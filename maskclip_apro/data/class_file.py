@@ -25,6 +25,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from .vocab import read_text_file
+
 CLASS_FILES = (
     "voc21_sclip",
     "voc20_sclip",
@@ -59,14 +61,9 @@ def read_class_file(name_or_path: str | os.PathLike) -> list[str]:
     if key in CLASS_FILES:
         with resources.as_file(resources.files("maskclip_apro") / "vocab" / f"{key}.txt") as path:
             return parse_class_lines(path.read_text(encoding="utf-8"), repr(key))
-    path = Path(key)
-    if not path.is_file():
+    if not Path(key).is_file():
         raise FileNotFoundError(f"class file {key!r} is neither one of {list(CLASS_FILES)} nor an existing file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"class file {key!r} is not UTF-8 text ({e})") from None
-    return parse_class_lines(text, repr(key))
+    return parse_class_lines(read_text_file(key, "class file"), repr(key))
 
 
 def class_queries(lines: list[str]) -> tuple[list[str], list[int]]:

@@ -16,16 +16,16 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ..writing import save_label_png
 from .base import Item, SegDataset, require
-from .folder import is_hidden
-from .io import atomic_write, load_label
+from .cocostuff import coco_folders
+from .io import load_label
 from .vocab import load_vocab
 
 UNUSED_THING_VALUES = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)  # COCO ids 12, 26, ... 91 minus one
 STUFF_VALUES = range(91, 182)
-UNLABELLED = 255
+UNLABELLED = 255  # the raw maps' value for unlabelled pixels (a file format value: COCO-Object makes them background)
 INVALID = -1
 LABEL_SUFFIX = "_instanceTrainIds.png"
 
@@ -76,8 +76,7 @@ def convert_coco_object(
             raise FileNotFoundError(f"no raw label maps (*.png without 'TrainIds') in {str(src)!r}")
         for path in maps:
             label = to_coco_object(load_label(path), repr(str(path)))
-            with atomic_write(out_root / "annotations" / split / f"{path.stem}{LABEL_SUFFIX}") as f:
-                Image.fromarray(label, mode="L").save(f, format="PNG")
+            save_label_png(out_root / "annotations" / split / f"{path.stem}{LABEL_SUFFIX}", label, grayscale=True)
             count += 1
     images = out_root / "images"
     if out_root.resolve() != coco_root.resolve() and not images.exists():
@@ -93,13 +92,7 @@ class COCOObjectDataset(SegDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "val", limit: int | None = None):
-        root = require(Path(root), "dataset root")
-        folder = split if split.endswith("2017") else f"{split}2017"
-        image_dir = require(root / "images" / folder, "image folder")
-        label_dir = require(root / "annotations" / folder, "annotation folder")
-        images = sorted(p for p in image_dir.glob("*.jpg") if not is_hidden(p))
-        if not images:
-            raise FileNotFoundError(f"no .jpg images in {str(image_dir)!r}")
+        images, label_dir = coco_folders(root, split)
         if not any(label_dir.glob(f"*{LABEL_SUFFIX}")):
             raise FileNotFoundError(
                 f"no COCO-Object labels (*{LABEL_SUFFIX}) in {str(label_dir)!r}: convert the COCO-Stuff "

@@ -1,25 +1,17 @@
-"""Image and label file IO with clear errors, and atomic writes.
+"""Image and label file readers with clear errors and a pixel limit.
 
 Every reader names the file in its error: FileNotFoundError for a missing path,
-ValueError for a file that exists but is not a usable image or label map.
+ValueError for a file that exists but is not a usable image or label map. Writing is
+maskclip_apro.writing's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import socket
-import tempfile
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-
-from .palette import voc_palette
 
 PathLike = str | os.PathLike
 
@@ -177,190 +169,3 @@ def load_label(path: PathLike) -> np.ndarray:
         f"label file {str(path)!r} has image mode {im.mode!r}; expected a palette (P) or grayscale (L) "
         "PNG whose pixel values are class indices"
     )
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the system allows (Linux /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _temp_owner() -> str:
-    """host tag + pid in temporary names, so a later run can tell a dead writer's leftovers."""
-    return f"{zlib.crc32(socket.gethostname().encode()):08x}-{os.getpid()}"
-
-
-_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[a-z0-9_]+\.tmp$")
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """Write `path` all-or-nothing: a temp file in the same directory, then os.replace.
-
-    Parent directories are created. On an exception the temp file is removed and `path`
-    keeps its old content (or stays absent), so a crash never leaves a half-written file.
-    The file gets the permissions a plain open() would give (0666 less the umask). A writer
-    killed outright leaves `.<name>.<host>-<pid>.<random>.tmp`; remove_stale_temporaries
-    deletes those once that process is gone.
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_owner()}.", suffix=".tmp", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, encoding=encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine; True where that cannot be asked safely."""
-    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or cannot tell: keep its files
-    return True
-
-
-def remove_stale_temporaries(folder: PathLike) -> list[Path]:
-    """Delete atomic_write's temporaries left in `folder` and its direct subfolders by dead processes.
-
-    Only files named as atomic_write names them, written from this host by a process that no
-    longer runs, are removed; anything else (other files, a live writer's temporary) is left.
-    Returns the removed paths.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    host = _temp_owner().split("-")[0]
-    removed = []
-    for directory in [folder, *(d for d in folder.iterdir() if d.is_dir() and not d.is_symlink())]:
-        for entry in os.scandir(directory):
-            match = _TEMP_NAME.match(entry.name)
-            if (match is None or not entry.is_file(follow_symlinks=False) or match["host"] != host
-                    or _process_alive(int(match["pid"]))):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
-
-
-def output_path(root: PathLike, *parts: str) -> Path:
-    """root/parts..., refused (ValueError naming the parts) when it would lie outside root.
-
-    Every file a command writes is placed with this, so a sample id such as '../../x' or an
-    absolute path can never put a file outside the output folder. The check is on the path
-    text ('..' and absolute parts), not on symlinks the user made inside the folder.
-    """
-    base = os.path.abspath(root)
-    target = os.path.normpath(os.path.join(base, *(str(p) for p in parts)))
-    if "\x00" in target or os.path.commonpath([base, target]) != base or target == base:
-        joined = "/".join(str(p) for p in parts)
-        raise ValueError(f"refusing to write {joined!r}: it would land outside the output folder {base!r}")
-    return Path(target)
-
-
-def _as_label_array(labels: np.ndarray, name: str = "labels") -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (H, W), got shape {labels.shape}")
-    if labels.dtype.kind not in "iub":
-        raise ValueError(f"{name} must hold integer class indices, got dtype {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(f"{name} values must be in [0, 255] for a PNG, got [{labels.min()}, {labels.max()}]")
-    return labels.astype(np.uint8)
-
-
-def _as_palette(palette: np.ndarray | None) -> np.ndarray:
-    if palette is None:
-        return voc_palette(256)
-    palette = np.asarray(palette)
-    if palette.ndim != 2 or palette.shape[1] != 3 or not 1 <= palette.shape[0] <= 256:
-        raise ValueError(f"palette must have shape (N, 3) with N <= 256, got {palette.shape}")
-    return palette.astype(np.uint8)
-
-
-def save_label_png(path: PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> None:
-    """Save class indices as a palette (P mode) PNG, atomically. palette: (N, 3), default VOC."""
-    im = _palette_image(_as_label_array(labels), _padded_palette(palette))
-    with atomic_write(path) as f:
-        im.save(f, format="PNG")
-
-
-def _padded_palette(palette: np.ndarray | None) -> np.ndarray:
-    """The palette as 256 colours (unused entries black)."""
-    given = _as_palette(palette)
-    full = np.zeros((256, 3), dtype=np.uint8)
-    full[: len(given)] = given
-    return full
-
-
-def _palette_image(array: np.ndarray, palette256: np.ndarray) -> Image.Image:
-    im = Image.new("P", (array.shape[1], array.shape[0]))
-    im.putpalette(palette256.reshape(-1).tolist())
-    im.frombytes(np.ascontiguousarray(array).tobytes())
-    return im
-
-
-def _format_for(path: Path) -> str:
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"cannot tell the image format of {str(path)!r} from its extension")
-    return fmt
-
-
-def save_overlay(
-    path: PathLike,
-    image: np.ndarray,
-    labels: np.ndarray,
-    palette: np.ndarray | None = None,
-    alpha: float = 0.5,
-    ignore_index: int = 255,
-) -> None:
-    """Save `image` blended with the colours of `labels` (weight alpha), atomically.
-
-    Pixels labelled ignore_index are left as in the image. The format follows the
-    extension of `path` (.png, .jpg, ...).
-    """
-    path = Path(path)
-    fmt = _format_for(path)
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    array = _as_label_array(labels)
-    if array.shape != image.shape[:2]:
-        raise ValueError(f"labels shape {array.shape} does not match image shape {image.shape[:2]}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    colours = _padded_palette(palette)
-    blended = np.empty_like(image)
-    for top in range(0, image.shape[0], 256):  # in bands of rows: float copies of a large photo add up
-        rows = slice(top, top + 256)
-        blend = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours[array[rows]].astype(np.float32)
-        keep = array[rows] == ignore_index
-        blend[keep] = image[rows][keep]
-        blended[rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-    out = Image.fromarray(blended, mode="RGB")
-    with atomic_write(path) as f:
-        out.save(f, format=fmt)

@@ -11,7 +11,8 @@ import zlib
 
 import numpy as np
 
-from .base import IGNORE_INDEX, LabelledBy, Sample, Source, check_limit
+from ..constants import IGNORE_INDEX
+from .base import LabelledBy, Sample, Source, check_limit
 
 CLASS_NAMES = ["background", "ball", "box", "kite", "ring"]
 _COLOURS = np.array(

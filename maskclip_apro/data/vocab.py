@@ -41,15 +41,20 @@ def validate_vocab(names: list[str], source: str) -> list[str]:
     return cleaned
 
 
-def read_vocab_file(path: str | os.PathLike) -> list[str]:
-    """Read a vocabulary text file; blank lines are skipped."""
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file; FileNotFoundError or ValueError naming `what` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vocabulary file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"vocabulary file {str(path)!r} is not UTF-8 text ({e})") from None
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({e})") from None
+
+
+def read_vocab_file(path: str | os.PathLike) -> list[str]:
+    """Read a vocabulary text file; blank lines are skipped."""
+    text = read_text_file(path, "vocabulary file")
     lines = [line for line in text.splitlines() if line.strip()]
     return validate_vocab(lines, f"file {str(path)!r}")
 

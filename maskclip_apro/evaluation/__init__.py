@@ -1,5 +1,5 @@
-"""Segmentation metrics, their tables, and the runner that scores refiner chains on a dataset
-(evaluation.runner, imported on its own: it brings the model code)."""
+"""Segmentation metrics and their tables (the runner that scores refiner chains on a dataset is
+maskclip_apro.pipeline.score)."""
 
 from .metric import ConfusionMatrix
 from .table import format_table, methods_table

@@ -1,7 +1,7 @@
 """Disk cache of text embeddings: one safetensors file per (model, checkpoint, templates, names).
 
-Files are written atomically (temp file in the same folder, then rename) and read with
-safetensors (no unpickling). The names are stored in the metadata and checked on load. A file
+Files are written atomically (maskclip_apro.writing) and read with safetensors (no
+unpickling). The names are stored in the metadata and checked on load. A file
 that cannot be read, names other classes, has another embedding width or holds NaN or inf
 values is a miss: a warning names the file, and the embeddings are recomputed and rewritten.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from ..writing import save_safetensors
 
 CACHE_VERSION = 1
 
@@ -62,15 +63,5 @@ def _stale(path: Path, reason: str) -> None:
 
 
 def save_cached(path: Path, emb: torch.Tensor, names: Sequence[str]) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"embeddings": emb.contiguous().cpu()}, tmp, metadata={"names": json.dumps(list(names))})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """The embeddings with their class names in the metadata, written atomically (maskclip_apro.writing)."""
+    save_safetensors(path, {"embeddings": emb}, metadata={"names": json.dumps(list(names))})

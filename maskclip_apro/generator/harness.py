@@ -16,7 +16,7 @@ Per image (their `*_segmentor.py`; slide.py has the geometry):
    (postprocess.py: softmax over the queries at `logit_scale`, max per class, `area_thd`,
    `prob_thd`), after the refiners.
 
-On a patch grid, for the refiners that need one and for `Segmenter.unary`: the (gh, gw) grid of
+On a patch grid, for the refiners that need one and for `Segmenter.generate`: the (gh, gw) grid of
 cells of about one patch that tile the resized image (gh = round(H' / p), p the CLIP patch size),
 and the features, keys and query cosines of every window sampled bilinearly at the centres of
 the cells that lie in the window (the same per-window maps the pixel average reads, at those

@@ -22,7 +22,8 @@ logits == s * cos(features, text) holds exactly where a single window covers a p
 
 The dense backbone (vit.ViTDense, resnet.ResNetDense) builds the last block in the mode
 `dense` names (maskclip, or the other attention forms of dense_attention.py, ViT only); the
-SCLIP-family harness (mode "harness") is harness.HarnessGenerator.
+SCLIP-family harness (mode "harness") is harness.HarnessGenerator; build.build_generator makes
+either.
 
 The output grid covers the (padded) image; callers map it onto the resized image by stretching
 it to H' x W' (bilinear, align_corners=False), as mmseg does with the head's output.
@@ -31,14 +32,13 @@ it to H' x W' (bilinear, align_corners=False), as mmseg does with the head's out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import check_img_scale, rescale_size
-from .dense_attention import PROXY_BETA, PROXY_GAMMA
 from .text import TextClassifier
 from .vit import pad_to_multiple
 
@@ -220,139 +220,3 @@ class MaskCLIPGenerator(nn.Module):
         grid = (height // p, width // p)
         logits, keys, feats = (stitch(store, grid) for store in tiles)
         return GeneratorOutput(logits=logits, keys=keys, features=feats, image=image)
-
-
-def build_dense_backbone(
-    visual: nn.Module,
-    dense: str = "maskclip",
-    *,
-    pos_interp: str = "size",
-    remainder: str = "pad",
-    naclip_sigma: float = 5.0,
-    proxy: Optional[Mapping[str, float]] = None,
-    vfm: Optional[nn.Module] = None,
-    mean: Optional[torch.Tensor] = None,
-    std: Optional[torch.Tensor] = None,
-) -> nn.Module:
-    """ViTDense (any dense mode) or ResNetDense (maskclip only), chosen from the image tower's class."""
-    from open_clip.modified_resnet import ModifiedResNet
-    from open_clip.transformer import VisionTransformer
-
-    from .resnet import ResNetDense
-    from .vit import ViTDense
-
-    if isinstance(visual, VisionTransformer):
-        proxy = dict(proxy or {})
-        unknown = sorted(set(proxy) - {"beta", "gamma"})
-        if unknown:
-            raise ValueError(f"model.proxy takes beta and gamma, got {unknown}")
-        return ViTDense(
-            visual, dense, pos_interp=pos_interp, remainder=remainder, naclip_sigma=naclip_sigma,
-            proxy_beta=proxy.get("beta", PROXY_BETA), proxy_gamma=proxy.get("gamma", PROXY_GAMMA),
-            vfm=vfm, mean=mean, std=std,
-        )
-    if isinstance(visual, ModifiedResNet):
-        if dense != "maskclip":
-            raise ValueError(
-                f"model.dense={dense} rebuilds a ViT's last attention block; a ResNet tower has none "
-                "(only model.dense=maskclip, the attention pool's projections per position)"
-            )
-        return ResNetDense(visual)
-    raise ValueError(f"unsupported image tower {type(visual).__name__}: need an open_clip ViT or ModifiedResNet")
-
-
-def build_generator(
-    model: str,
-    pretrained: Optional[str],
-    class_names: Sequence[str],
-    *,
-    templates: Union[str, Sequence[str]] = "maskclip",
-    background: Optional[dict] = None,
-    logit_scale: float = 100.0,
-    mode: str = "whole",
-    short_side: Optional[int] = None,
-    img_scale: Optional[Sequence[int]] = (2048, 512),
-    window: Optional[int] = 448,
-    stride: Optional[int] = 224,
-    normalize: str = "imagenet",
-    act: Optional[str] = None,
-    ln_eps: Optional[float] = None,
-    cache_dir: Optional[str] = None,
-    device: Union[str, torch.device] = "cpu",
-    dense: str = "maskclip",
-    pos_interp: str = "size",
-    naclip_sigma: float = 5.0,
-    proxy: Optional[Mapping[str, float]] = None,
-    vfm: Optional[Mapping[str, Any]] = None,
-    class_lines: Optional[Sequence[str]] = None,
-    pad_to: Union[None, str, int] = None,
-    prob_thd: float = 0.0,
-    area_thd: Optional[float] = None,
-) -> nn.Module:
-    """A dense generator for `class_names` from an open_clip model and checkpoint (models.load_clip).
-
-    The defaults are the geometry and normalisation of MaskCLIP's test protocol (whole image,
-    keep-ratio scale (2048, 512), ImageNet mean/std) and MaskCLIP's last block. act / ln_eps set
-    the image tower's MLP activation ("quick_gelu" | "gelu") and LayerNorm eps; None keeps what
-    the weights need. dense: the last block (dense_attention.ATTENTION_MODES; naclip_sigma,
-    proxy={beta, gamma} and vfm={name, pretrained} for the modes that use them). pos_interp:
-    "size" or "offset" (pos_embed.py).
-
-    mode "whole" / "slide" -> MaskCLIPGenerator; "harness" -> harness.HarnessGenerator, which
-    also takes class_lines (the text of each class, synonyms separated by commas, e.g. a
-    method's class file; default class_names, which then only name the classes), pad_to,
-    prob_thd and area_thd (harness.py), and reads short_side as the S of Resize((2048, S)).
-    """
-    from .dense_attention import ATTENTION_MODES, DENSE_NAMES
-    from .models import check_normalize, check_tower_settings, configure_image_tower, image_mean_std, load_clip
-    from .templates import resolve_templates
-    from .text import build_text_classifier, parse_class_names
-
-    harness = mode == "harness"
-    if not harness and (pad_to is not None or prob_thd != 0.0 or area_thd is not None):
-        raise ValueError("generator.pad_to, prob_thd and area_thd belong to the SCLIP-family harness (mode=harness)")
-    if dense not in ATTENTION_MODES:
-        raise ValueError(f"model.dense must be one of {ATTENTION_MODES}, got {dense!r}")
-    lines = list(class_names if class_lines is None else class_lines)
-    parse_class_names(lines)  # fail on bad settings before loading weights
-    if len(lines) != len(class_names):
-        raise ValueError(f"{len(lines)} class lines for {len(class_names)} classes")
-    template_list = resolve_templates(templates)
-    check_normalize(normalize)
-    check_tower_settings(act, ln_eps)
-    if harness:
-        from .harness import check_harness_settings
-
-        check_harness_settings(short_side, window, stride, pad_to, logit_scale, prob_thd, area_thd)
-    clip, identity = load_clip(model, pretrained, device)
-    configure_image_tower(clip.visual, act, ln_eps)
-    mean, std = image_mean_std(clip, normalize)
-    vfm_model = None
-    if dense == "proxyclip":
-        from .vfm import DEFAULT_VFM, load_vfm
-
-        vfm = dict(vfm or {})
-        vfm_model = load_vfm(vfm.get("name", DEFAULT_VFM), vfm.get("pretrained", True), device)
-    backbone = build_dense_backbone(
-        clip.visual, dense, pos_interp=pos_interp, remainder="drop" if harness else "pad",
-        naclip_sigma=naclip_sigma, proxy=proxy, vfm=vfm_model, mean=mean, std=std,
-    )
-    classifier, display = build_text_classifier(
-        clip, model, identity, lines, template_list, background=background, cache_dir=cache_dir
-    )
-    if class_lines is not None:
-        display = [line.split(",")[0].strip() for line in class_names]
-    common = dict(model=clip, name=DENSE_NAMES[dense], logit_scale=logit_scale, window=window, stride=stride)
-    if harness:
-        from .harness import HarnessGenerator
-
-        gen = HarnessGenerator(
-            backbone, classifier, display, mean, std, short_side=short_side, pad_to=pad_to, prob_thd=prob_thd,
-            area_thd=area_thd, **common,
-        )
-    else:
-        gen = MaskCLIPGenerator(
-            backbone, classifier, display, mean, std, mode=mode, short_side=short_side, img_scale=img_scale, **common
-        )
-    gen.identity = identity  # which weights: saved results made with other weights are not reused
-    return gen.to(device).eval()

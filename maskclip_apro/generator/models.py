@@ -30,12 +30,12 @@ import open_clip
 import torch
 from torch import nn
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 ACTIVATIONS = ("quick_gelu", "gelu")
 NORMALIZATIONS = ("imagenet", "model")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # mmseg's (123.675, 116.28, 103.53) / 255
-IMAGENET_STD = (0.229, 0.224, 0.225)  # mmseg's (58.395, 57.12, 57.375) / 255
 OPENAI_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 REACH_TIMEOUT_S = 3.0
 

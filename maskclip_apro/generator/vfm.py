@@ -22,12 +22,11 @@ from typing import Union
 import torch
 from torch import nn
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from .pos_embed import POS_OFFSET, resample_patch_pos
 
 DEFAULT_VFM = "vit_base_patch8_224.dino"
 DINOV2_VFM = "vit_base_patch14_reg4_dinov2.lvd142m"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Random-weight test models (no download): a timm architecture and its small dimensions.
 TINY_VFMS = {
     "tiny_dino": ("vit_base_patch8_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2)),

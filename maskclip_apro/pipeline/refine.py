@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from ..data.base import file_fingerprint
-from ..data.io import atomic_write, load_label, output_path, save_label_png, save_overlay
-from ..data.palette import voc_palette
+from ..data.io import load_label
 from ..distributed import all_gather_object, barrier
 from ..evaluation.metric import ConfusionMatrix
+from ..palette import voc_palette
 from ..refiners import Chain
 from ..segmenter import Segmenter
-from ..visualize import colorize, make_panel, save_rgb
+from ..visualize import make_panel, save_overlay
+from ..writing import output_path, save_label_png, save_rgb, save_safetensors, write_json
 from .loop import Prepared, RunOptions, run_items
-from .reuse import ResultKey, ReuseLog, stale_reason, write_json
+from .reuse import ResultKey, ReuseLog, stale_reason
 
 MAIN = "main"  # the chain whose labels are written; any other chain is a panel column
 
@@ -192,15 +194,12 @@ def _write(paths: Mapping[str, Path], sample: Any, preds: Mapping[str, Any], pal
     if "probs" in paths:
         _save_probs(paths["probs"], preds[MAIN].probs)
     if "panel" in paths:
-        columns = [("image", sample.image)] + [(t, colorize(p.labels, palette)) for t, p in preds.items() if t != MAIN]
+        columns = [("image", sample.image)] + [(t, p.labels) for t, p in preds.items() if t != MAIN]
         if sample.label is not None:
-            columns.insert(1, ("ground truth", colorize(sample.label.astype(np.int64), palette)))
-        save_rgb(paths["panel"], make_panel(columns))
+            columns.insert(1, ("ground truth", sample.label))
+        save_rgb(paths["panel"], make_panel(columns, class_names=preds[MAIN].class_names, palette=palette))
     save_label_png(paths["label"], labels, palette)
 
 
 def _save_probs(path: Path, probs) -> None:
-    from safetensors.numpy import save
-
-    with atomic_write(path) as f:
-        f.write(save({"probs": probs.numpy().astype(np.float16)}))
+    save_safetensors(path, {"probs": probs.to(torch.float16)})

@@ -15,12 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..data.base import Source
-from ..data.io import atomic_write
 
 RESULT_KEYS = ("model", "generator", "background", "refine", "dataset")
 NOT_RESULTS = {"generator": ("cache_dir",), "dataset": ("root", "limit", "classes")}
@@ -101,12 +99,6 @@ class ReuseLog:
         counts = summary["not_reused"]
         why = ", ".join(f"{n} {reason}" for reason, n in counts.items())
         return f"{summary['reused']} reused" + (f", {sum(counts.values())} computed ({why})" if counts else "")
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """JSON (records, summaries), written atomically."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=float)
 
 
 def read_key(text: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ is about 0.226 in [0, 1] pixel terms). `refine=apro_official` holds the official
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Optional
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..apro import Tree, build_tree, local_propagation, propagate, reweight
-from ..apro._checks import check_map, check_positive
+from ..checks import check_int, check_map, check_positive
 from .base import Guidance
 
 MODES = ("parallel", "gp", "lp", "lp_gp", "gp_lp")
@@ -47,14 +46,6 @@ def work_size(image_size: tuple[int, int], grid_size: tuple[int, int], scale: Op
     if scale is None:
         return tuple(image_size)
     return guide_size(*image_size, max(1, round(scale * max(grid_size))))
-
-
-def _scale(name: str, value) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"apro {name} must be a positive number or null, got {value!r}")
-    return float(value)
 
 
 class APro:
@@ -102,11 +93,11 @@ class APro:
         self.zeta_g = check_positive("apro zeta_g", zeta_g)
         self.zeta_s = check_positive("apro zeta_s", zeta_s)
         self.zeta_h = check_positive("apro zeta_h", zeta_h)
-        self.kernel_size = kernel_size
-        self.iters = iters
+        self.kernel_size = check_int("apro kernel_size", kernel_size, 1)
+        self.iters = check_int("apro iters", iters, 0)
         self.second_pass = second_pass
-        self.gp_scale = _scale("gp_scale", gp_scale)
-        self.lp_scale = _scale("lp_scale", lp_scale)
+        self.gp_scale = check_positive("apro gp_scale", gp_scale, optional=True)
+        self.lp_scale = check_positive("apro lp_scale", lp_scale, optional=True)
         self.backend = backend
         self.name = {"parallel": "apro", "lp_gp": "lp>gp", "gp_lp": "gp>lp"}.get(mode, mode)
 

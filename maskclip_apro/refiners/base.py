@@ -7,10 +7,7 @@ from typing import Optional, Protocol
 
 import torch
 
-# The ImageNet statistics on [0, 1] RGB: the input normalisation of the official MaskCLIP and APro
-# code, and the unit of APro's zeta_g, zeta_h and zeta_s.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagenet_normalize(image: torch.Tensor) -> torch.Tensor:
@@ -28,8 +25,12 @@ def imagenet_normalize(image: torch.Tensor) -> torch.Tensor:
 class Guidance:
     """What a refiner may look at besides the probabilities.
 
-    image: (B, 3, H, W) RGB in [0, 1], the input image at its own resolution (the Segmenter
-        passes the image it was given, not the generator's resized copy); PAMR reads it.
+    image: (B, 3, H, W) RGB in [0, 1]. What the Segmenter passes (Segmenter.probabilities and
+        harness_probabilities): under MaskCLIP's protocols the image it was given, at its own
+        resolution (not the generator's resized copy); under the SCLIP-family harness the
+        resized image the model saw, brought back bilinearly to the input's size (what the
+        harness's PAMR reads). The student's teacher passes the training crop. PAMR and
+        PAMRLogits read it; APro reads its normalised form.
     keys: (B, C, h, w) last-block keys on the probabilities' patch grid, for key smoothing.
     features: (B, D, h, w) dense CLIP features on the patch grid, for GP's second pass "features".
     normalized: (B, 3, H, W) the same image ImageNet-normalised, (image - mean) / std; APro reads

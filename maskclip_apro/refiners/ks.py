@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..apro._checks import check_map, check_pair, check_positive
+from ..checks import check_map, check_pair, check_positive
 from .base import Guidance
 
 NORMS = ("position", "channel")

@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from maskclip_apro.apro._checks import check_map
-from maskclip_apro.refiners.base import Guidance
+from ..checks import check_int, check_map
+from .base import Guidance
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 _EPS = 1e-8
@@ -74,12 +74,10 @@ class PAMR:
 
     def __init__(self, dilations: Sequence[int] = (8, 16), iters: int = 10) -> None:
         dilations = tuple(dilations)
-        if not dilations or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
-            raise ValueError(f"dilations must be a non-empty sequence of integers >= 1, got {dilations!r}")
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-            raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
-        self.dilations = dilations
-        self.iters = iters
+        if not dilations:
+            raise ValueError("pamr dilations must be a non-empty list of integers >= 1, got []")
+        self.dilations = tuple(check_int("pamr dilations entries", d, 1) for d in dilations)
+        self.iters = check_int("pamr iters", iters, 0)
 
     def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
         check_map("probs", probs)

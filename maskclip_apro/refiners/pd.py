@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..apro._checks import check_map
+from ..checks import check_int, check_map, check_range
 from .base import Guidance
 
 
@@ -28,13 +28,8 @@ class PromptDenoising:
     name = "pd"
 
     def __init__(self, thresh: float = 0.5, keep: Sequence[int] = ()) -> None:
-        if isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0 <= thresh <= 1:
-            raise ValueError(f"pd thresh must be a number in [0, 1], got {thresh!r}")
-        keep = list(keep)
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in keep):
-            raise ValueError(f"pd keep must be a list of class indices >= 0, got {keep!r}")
-        self.thresh = float(thresh)
-        self.keep = tuple(keep)
+        self.thresh = check_range("pd thresh", thresh, 0, 1)
+        self.keep = tuple(check_int("pd keep entries (class indices)", i, 0) for i in keep)
 
     def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
         check_map("probs", probs)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
 from ..geometry import check_img_scale, rescale_size
 
-IGNORE = 255
 CAT_MAX_TRIES = 10
 BRIGHTNESS_DELTA = 32
 CONTRAST_RANGE = (0.5, 1.5)
@@ -133,7 +133,7 @@ def crop_box(height: int, width: int, crop: int, g: torch.Generator,
     if cat_max_ratio < 1 and label is not None:
         for _ in range(CAT_MAX_TRIES):
             part = label[top : top + crop, left : left + crop].reshape(-1).long()
-            counts = torch.bincount(part[part != IGNORE])
+            counts = torch.bincount(part[part != IGNORE_INDEX])
             counts = counts[counts > 0]
             if len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio:
                 break
@@ -257,7 +257,7 @@ def augment(image: np.ndarray, label: Optional[np.ndarray], params: AugmentParam
     valid[:ch, :cw] = True
     out_label = None
     if y is not None:
-        out_label = torch.full((c, c), IGNORE, dtype=torch.long)
+        out_label = torch.full((c, c), IGNORE_INDEX, dtype=torch.long)
         out_label[:ch, :cw] = y
     return Crop(out, out_label, valid)
 

@@ -9,42 +9,29 @@ Layout of a training checkpoint (one folder per saved step, `latest.json` points
     checkpoints/latest.json                            {"step": 100, "dir": "step_00000100"}
 
 A folder is written under a temporary name and renamed when complete; `latest.json` is replaced
-atomically afterwards, so an interrupted save never hides the previous checkpoint.
+atomically afterwards, so an interrupted save never hides the previous checkpoint (writing is
+maskclip_apro.writing's; a killed run's temporary folder is removed by the next run's
+remove_stale_temporaries).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
-from ..data.io import atomic_write
+from ..writing import atomic_directory, save_safetensors, write_json
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 LATEST = "latest.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file all-or-nothing (temporary file in the same folder, then rename)."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
-    """A safetensors file written all-or-nothing."""
-    payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    with atomic_write(path) as f:
-        f.write(payload)
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -78,7 +65,7 @@ def model_metadata(model: nn.Module) -> Dict[str, str]:
 
 def save_model(model: nn.Module, path: Path) -> None:
     """Student weights as safetensors (atomic)."""
-    atomic_save_tensors(model.state_dict(), Path(path), metadata=model_metadata(model))
+    save_safetensors(path, model.state_dict(), metadata=model_metadata(model))
 
 
 def describe_mismatch(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str], limit: int = 8) -> str:
@@ -173,17 +160,16 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` under root/, point latest.json at it, drop all but `keep` newest."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    try:
+    final = root / name
+    with atomic_directory(final) as tmp:
         save_model(model, tmp / MODEL_FILE)
         tensors, opt_meta = _split_optimizer(optimizer.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
-        atomic_save_tensors(tensors, tmp / STATE_FILE)
+        save_safetensors(tmp / STATE_FILE, tensors)
         meta = {
             "step": step,
             "optimizer": opt_meta,
@@ -191,15 +177,8 @@ def save_checkpoint(
             "scaler": scaler.state_dict() if scaler is not None else {},
             "extra": extra or {},
         }
-        atomic_write_text(tmp / STATE_JSON, json.dumps(meta, indent=1))
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(root / LATEST, json.dumps({"step": step, "dir": name}))
+        write_json(tmp / STATE_JSON, meta, indent=1)
+    write_json(root / LATEST, {"step": step, "dir": name}, indent=None)
     old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..constants import IGNORE_INDEX
 from .augment import AugmentParams, augment, rng_for
-
-IGNORE = 255
 
 
 def read_pseudo_label(folder: Path, name: str, num_classes: int, size: tuple[int, int]) -> np.ndarray:
@@ -29,7 +28,7 @@ def read_pseudo_label(folder: Path, name: str, num_classes: int, size: tuple[int
     if not path.is_file():
         raise FileNotFoundError(f"pseudo-label file {str(path)!r} for sample {name!r} does not exist (target.offline_dir)")
     label = load_label(path)
-    bad = (label >= num_classes) & (label != IGNORE)
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
     if bad.any():
         raise ValueError(
             f"pseudo-label file {str(path)!r} holds value {int(label[bad].max())} outside the class range "
@@ -94,8 +93,8 @@ class TrainCrops(Dataset):
                     f"target.ignore_gt_void is on but training sample {sample.name!r} has no ground truth; "
                     "set target.ignore_gt_void=false"
                 )
-            void = np.asarray(sample.label) == IGNORE
-            label = np.where(void, IGNORE, 0 if label is None else label).astype(np.uint8)
+            void = np.asarray(sample.label) == IGNORE_INDEX
+            label = np.where(void, IGNORE_INDEX, 0 if label is None else label).astype(np.uint8)
         return label
 
     def __getitem__(self, position: int) -> Dict[str, torch.Tensor]:

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..generator.text import TextClassifier
 from .checkpoint import read_state_dict, state_dict_mismatch
 
 BN_MODES = ("frozen", "train", "sync")
 HEADS = ("aspp", "text")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # mmcv / mmseg ResNetV1c checkpoints (open-mmlab://resnet50_v1c) name the deep stem `stem.*`;
 # timm names the same layers conv1.{0,1,3,4,6} and bn1.
 MMCV_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",

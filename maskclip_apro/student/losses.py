@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from ..constants import IGNORE_INDEX
 
 
 @dataclass
@@ -48,7 +48,7 @@ def loss_sums(
     """Summed CE (ignore 255) of logits (B, K, H, W) vs hard (B, H, W), and the weighted summed L1 of
     their softmax vs the soft targets over the masked pixels."""
     logits = logits.float()
-    ce = F.cross_entropy(logits, hard, ignore_index=IGNORE, reduction="sum")
+    ce = F.cross_entropy(logits, hard, ignore_index=IGNORE_INDEX, reduction="sum")
     l1 = l1_sum(torch.softmax(logits, dim=1), soft, weights, mask.to(logits.dtype)) if soft else logits.new_zeros(())
     return LossSums(ce=ce, l1=l1)
 

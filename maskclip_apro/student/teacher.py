@@ -17,11 +17,11 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
 from ..refiners import Chain
 from ..refiners.apro import APro
 from ..segmenter import Segmenter, labels_at
 
-IGNORE = 255
 # The propagation each APro mode's maps end with ("parallel" returns [GP, LP]).
 LAST_PROPAGATION = {"parallel": ("gp", "lp"), "gp": ("gp",), "lp": ("lp",), "lp_gp": ("gp",), "gp_lp": ("lp",)}
 
@@ -89,7 +89,7 @@ class Teacher:
         b, _, h, w = images.shape
         if bool(full.all()):
             return self._label(images)
-        hard = torch.full((b, h, w), IGNORE, dtype=torch.long, device=images.device)
+        hard = torch.full((b, h, w), IGNORE_INDEX, dtype=torch.long, device=images.device)
         soft: List[torch.Tensor] = []
         weights: List[float] = []
         groups = [(full.nonzero().flatten().tolist(), None)] + [([i], i) for i in (~full).nonzero().flatten().tolist()]
@@ -110,5 +110,5 @@ class Teacher:
                 weights = part.weights
             for dst, src in zip(soft, part.soft):
                 dst[idx, :, ys, xs] = src
-        hard[~valid] = IGNORE
+        hard[~valid] = IGNORE_INDEX
         return Targets(hard=hard, soft=soft, weights=weights)

@@ -26,13 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..constants import IGNORE_INDEX, IMAGENET_MEAN
 from ..data import build_dataset
 from ..distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shard
 from ..evaluation import ConfusionMatrix
+from ..writing import write_text
 from .augment import AugmentParams
-from .checkpoint import LATEST, STATE_JSON, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import LATEST, STATE_JSON, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .data import StepBatches, TrainCrops
-from .deeplabv2 import IMAGENET_MEAN, DeepLabV2, sync_batchnorm
+from .deeplabv2 import DeepLabV2, sync_batchnorm
 from .inference import predict
 from .losses import combine, loss_sums
 from .teacher import Targets, Teacher
@@ -145,7 +147,7 @@ class CsvLog:
         writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_text(self.path, buffer.getvalue())
+        write_text(self.path, buffer.getvalue())
 
     def write(self, **row: Any) -> None:
         with self.path.open("a", newline="") as f:
@@ -238,11 +240,11 @@ class Trainer:
         return build_generator_from_config(cfg, list(self.train_set.class_names))
 
     def _build_teacher(self, generator: Callable) -> Teacher:
-        from ..config import refine_steps
+        from ..config import refine_params, refine_steps
         from ..refiners import Chain
 
         t = self.cfg.target
-        chain = Chain.from_steps(refine_steps(self.cfg), self.cfg.refine)
+        chain = Chain.from_steps(refine_steps(self.cfg), refine_params(self.cfg))
         return Teacher(generator, chain, num_classes=self.num_classes, gp_weight=float(t.gp_weight),
                        lp_weight=float(t.lp_weight))
 
@@ -293,8 +295,8 @@ class Trainer:
 
     @staticmethod
     def _mask(mb: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pixels the losses see: inside the image and not 255 in the crop's label (if any)."""
-        return mb["valid"] & (mb["label"] != 255) if "label" in mb else mb["valid"]
+        """Pixels the losses see: inside the image and not the ignore index in the crop's label (if any)."""
+        return mb["valid"] & (mb["label"] != IGNORE_INDEX) if "label" in mb else mb["valid"]
 
     def _targets(self, mb: Dict[str, torch.Tensor], images: torch.Tensor, valid: torch.Tensor) -> Targets:
         label = mb["label"].to(self.device, non_blocking=True) if "label" in mb else None
@@ -302,7 +304,7 @@ class Trainer:
             return Targets(hard=label)
         targets = self.teacher(images, valid)
         if label is not None:
-            targets.hard[label == 255] = 255
+            targets.hard[label == IGNORE_INDEX] = IGNORE_INDEX
         return targets
 
     def _counts(self, micro: List[Dict[str, torch.Tensor]]) -> float:
@@ -345,7 +347,7 @@ class Trainer:
         assert self.val_set is not None
         self.model.eval()
         e = self.cfg.eval
-        cm = ConfusionMatrix(self.num_classes, ignore_index=getattr(self.val_set, "ignore_index", 255))
+        cm = ConfusionMatrix(self.num_classes, ignore_index=getattr(self.val_set, "ignore_index", IGNORE_INDEX))
         limit = e.get("limit")
         n = len(self.val_set) if limit is None else min(len(self.val_set), int(limit))
         for i in shard(n, self.info):

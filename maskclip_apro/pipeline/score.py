@@ -21,15 +21,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ..data.io import atomic_write, output_path
-from ..data.palette import voc_palette
 from ..distributed import all_gather_object, barrier
-from ..pipeline.loop import Prepared, RunOptions, check_some_succeeded, run_items
-from ..pipeline.reuse import ResultKey, ReuseLog, read_key, stale_reason
+from ..evaluation.metric import ConfusionMatrix
+from ..palette import voc_palette
 from ..refiners import Chain
 from ..segmenter import Segmenter
-from ..visualize import colorize, make_panel, save_rgb
-from .metric import ConfusionMatrix
+from ..visualize import make_panel
+from ..writing import atomic_write, output_path, save_rgb
+from .loop import Prepared, RunOptions, check_some_succeeded, run_items
+from .reuse import ResultKey, ReuseLog, read_key, stale_reason
 
 
 def _load(path: Path, key: Mapping) -> tuple[dict | None, str | None]:
@@ -150,9 +150,9 @@ def score_methods(
                 record[f"cm{j}"] = ConfusionMatrix(k, ignore_index=ignore).update(preds[m].labels, item.sample.label).matrix
             panel = None
             if item.index < panels:
-                truth = colorize(item.sample.label.astype(np.int64), palette)
-                columns = [("image", item.sample.image), ("ground truth", truth)]
-                panel = make_panel(columns + [(m, colorize(p.labels, palette)) for m, p in preds.items()])
+                columns = [("image", item.sample.image), ("ground truth", item.sample.label)]
+                columns += [(m, p.labels) for m, p in preds.items()]
+                panel = make_panel(columns, class_names=segmenter.class_names, palette=palette)
             results.append((record, panel))
         return results
 
