@@ -271,7 +271,7 @@ class Segmenter:
             else:
                 # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
                 labels = labels_at(probs if chain.refiners else out.logits.float(), size)
-            labels = labels.cpu().numpy().astype(np.int64)
+            labels = labels.cpu().numpy().astype(np.int64, copy=False)
             probs = probs.cpu() if keep_probs else None
             times = {"generator": generator_time, **{k: v / n for k, v in chain.last_times.items()},
                      "postprocess": (time.perf_counter() - start) / n}

@@ -324,6 +324,30 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in labels.iterdir()) == [".b.png.abcdefgh.tmp", "live.png", "notes.tmp"]
 
 
+def test_the_next_run_removes_a_killed_runs_temporaries(tmp_path):
+    """A rerun of refine in the same output_dir removes what a SIGKILLed writer left there."""
+    import subprocess
+    import sys
+
+    from maskclip_apro.cli import refine
+    from maskclip_apro.config import compose
+
+    out = tmp_path / "out"
+    killed = (
+        "import os, signal, sys\n"
+        "from maskclip_apro.writing import atomic_write\n"
+        "with atomic_write(sys.argv[1]) as f:\n"
+        "    f.write(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", killed, str(out / "labels" / "im0.png")], capture_output=True, timeout=120)
+    (stale,) = (out / "labels").glob(".im0.png.*.tmp")
+    refine.run(compose("refine", ["model=tiny_vit", "dataset=synthetic", "dataset.num_images=1", f"output_dir={out}",
+                                  f"generator.cache_dir={tmp_path / 'cache'}", "refine=none"]))
+    assert not stale.exists()
+    assert [p.name for p in (out / "labels").iterdir()] == ["synthetic_val_0000.png"]
+
+
 def test_output_paths_never_leave_the_output_folder(tmp_path):
     from maskclip_apro.writing import output_path
 

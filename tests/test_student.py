@@ -90,10 +90,13 @@ def teacher_classifier(names_per_class, dim=8, threshold=None, seed=0):
     return TextClassifier(emb, torch.tensor(owner), len(names_per_class), threshold=threshold)
 
 
-def test_resnet_v1c_trunk_matches_mmseg():
-    """resnet50c: 3x3/2 3->32, 3x3 32->32, 3x3 32->64 stem; plain 1x1 shortcut; OS 8 with contract dilation."""
-    model = DeepLabV2(3, backbone="resnet50c", head="text", text=teacher_classifier([1, 1, 1], dim=16))
+@pytest.mark.parametrize("backbone,blocks", [("resnet50c", [3, 4, 6, 3]), ("resnet101c", [3, 4, 23, 3])])
+def test_resnet_v1c_trunk_matches_mmseg(backbone, blocks):
+    """3x3/2 3->32, 3x3 32->32, 3x3 32->64 stem; plain 1x1 shortcut; OS 8 with contract dilation;
+    mmseg's block counts for depth 50 and 101."""
+    model = DeepLabV2(3, backbone=backbone, head="text", text=teacher_classifier([1, 1, 1], dim=16))
     b = model.backbone
+    assert [len(getattr(b, f"layer{i}")) for i in range(1, 5)] == blocks
     convs = [m for m in b.conv1 if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
         (3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
@@ -326,6 +329,38 @@ def test_teacher_runs_the_whole_chain_and_takes_soft_targets_from_its_apro_step(
         Teacher(StubGenerator(), Chain.from_steps(["apro", "gp"], APRO_FAST))
 
 
+class KeyedStubGenerator(StubGenerator):
+    """StubGenerator with patch keys (a fixed random projection of the patch colours), for KS."""
+
+    def __call__(self, images: torch.Tensor):
+        out = super().__call__(images)
+        g = torch.Generator().manual_seed(1)
+        out.keys = torch.einsum("dc,bchw->bdhw", torch.randn(6, 3, generator=g), F.avg_pool2d(images, self.patch, ceil_mode=True))
+        return out
+
+
+PD_LOW = {"pd": {"thresh": 0.05}}  # keeps most classes of the stub, so KS has something to smooth
+
+
+def test_teacher_passes_the_generator_keys_to_key_smoothing():
+    """refine=ks_pd in the teacher: PD then KS on the generator's keys, then labels at the crop size."""
+    from maskclip_apro.refiners import Guidance, build_refiner
+    from maskclip_apro.segmenter import labels_at
+
+    torch.manual_seed(4)
+    images = F.interpolate(torch.rand(2, 3, 4, 4) * 2 - 1, scale_factor=8, mode="nearest")  # one value per patch: several classes
+    generator = KeyedStubGenerator()
+    t = Teacher(generator, Chain.from_steps(["pd", "ks"], PD_LOW))(images, torch.ones(2, 32, 32, dtype=torch.bool))
+    out = generator(images)
+    p = torch.softmax(out.logits, 1)
+    guidance = Guidance(image=images, keys=out.keys)
+    denoised = build_refiner("pd", PD_LOW)(p, guidance)
+    expected = build_refiner("ks", {})(denoised, guidance)
+    assert t.soft == [] and torch.equal(t.hard, labels_at(expected, (32, 32)))
+    assert len(t.hard.unique()) > 1
+    assert not torch.equal(t.hard, labels_at(denoised, (32, 32)))  # KS moved labels: the keys were used
+
+
 def test_teacher_ignores_padding():
     torch.manual_seed(0)
     images = torch.rand(2, 3, 16, 16)
@@ -365,6 +400,27 @@ def test_augment_deterministic_and_padded():
         AugmentParams(crop=32, scale=(2.0, 1.0))
     with pytest.raises(ValueError, match="augment.cat_max_ratio"):
         AugmentParams(crop=32, cat_max_ratio=0.0)
+
+
+def test_flip_mirrors_image_and_label_together():
+    """No scaling, a full-size crop, no photometric change: each crop is the input or its mirror,
+    the label always the same as the image, and both outcomes occur over seeds."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    label = rng.integers(0, 4, (16, 16), dtype=np.uint8)
+    params = AugmentParams(crop=16, scale=(1.0, 1.0), photometric=False)
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    y = torch.from_numpy(label).long()
+    flips = []
+    for seed in range(16):
+        crop = augment(image, label, params, rng_for(seed, 0))
+        flipped = torch.equal(crop.image, x.flip(-1))
+        assert flipped or torch.equal(crop.image, x)
+        assert torch.equal(crop.label, y.flip(-1) if flipped else y)
+        flips.append(flipped)
+    assert any(flips) and not all(flips)
+    off = AugmentParams(crop=16, scale=(1.0, 1.0), photometric=False, flip=False)
+    assert all(torch.equal(augment(image, label, off, rng_for(seed, 0)).image, x) for seed in range(8))
 
 
 def test_step_batches_shard_the_global_batch():

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import IGNORE_INDEX
+
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     """Accept numpy arrays and torch tensors (on any device) without importing torch."""
@@ -24,7 +26,7 @@ class ConfusionMatrix:
     predicted value outside [0, K) is an error, not silently dropped.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = int(num_classes)
@@ -108,7 +110,7 @@ class ConfusionMatrix:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> ConfusionMatrix:
         try:
-            cm = cls(int(state["num_classes"]), int(state.get("ignore_index", 255)))
+            cm = cls(int(state["num_classes"]), int(state.get("ignore_index", IGNORE_INDEX)))
             matrix = np.asarray(state["matrix"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a ConfusionMatrix state: {e}") from None
