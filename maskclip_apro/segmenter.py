@@ -207,6 +207,8 @@ class Segmenter:
         """
         return self.generator(images)
 
+    unary = generate  # the earlier name, kept so that code written against it keeps working
+
     @staticmethod
     def probabilities(out: Any, image: torch.Tensor) -> tuple[torch.Tensor, Guidance]:
         """Softmax of the generator's logits, and the guidance the refiners read.

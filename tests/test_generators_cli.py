@@ -32,7 +32,9 @@ def test_from_pretrained_with_every_dense_mode(cache, mode, protocol):
         overrides=[f"model.dense={mode}", f"protocol={protocol}", f"generator.cache_dir={cache}"],
     )
     assert isinstance(seg.generator.model, open_clip.CLIP) and seg.generator.backbone.mode == mode
-    out = seg.generate(torch.rand(2, 3, 50, 70, generator=torch.Generator().manual_seed(0)))
+    x = torch.rand(2, 3, 50, 70, generator=torch.Generator().manual_seed(0))
+    out = seg.generate(x)
+    assert torch.equal(seg.unary(x).logits, out.logits)  # the earlier name stays an alias
     assert out.logits.shape[:2] == (2, 3) and out.features.shape[:2] == (2, 32)
     assert out.logits.shape[-2:] == out.features.shape[-2:] == out.keys.shape[-2:]
     norms = out.features.norm(dim=1)
