@@ -193,5 +193,7 @@ def test_torchrun_refine_writes_one_summary(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["refined"] == 3 and summary["images_per_second"] > 0
+    stages = summary["seconds_per_image"]  # averaged over the images of both processes
+    assert set(stages) == {"generator", "postprocess"} and all(v > 0 for v in stages.values())
     assert sorted(p.name for p in (out / "labels").iterdir()) == [f"synthetic_val_000{i}.png" for i in range(3)]
     assert done.stdout.count("3 images: 0 reused, 3 computed (3 new)") == 1  # rank 0 reports, alone
