@@ -292,6 +292,16 @@ def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "l.png").stat().st_mode & 0o777 == mode
 
 
+# A writer SIGKILLed halfway through atomic_write(argv[1]): it leaves its temporary behind.
+KILLED_WRITER = (
+    "import os, signal, sys\n"
+    "from maskclip_apro.writing import atomic_write\n"
+    "with atomic_write(sys.argv[1]) as f:\n"
+    "    f.write(b'half')\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+)
+
+
 def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     import subprocess
     import sys
@@ -299,14 +309,7 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     from maskclip_apro.writing import remove_stale_temporaries
 
     labels = tmp_path / "out" / "labels"
-    killed = (
-        "import os, signal, sys\n"
-        "from maskclip_apro.writing import atomic_write\n"
-        "with atomic_write(sys.argv[1]) as f:\n"
-        "    f.write(b'half')\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", killed, str(labels / "a.png")], capture_output=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(labels / "a.png")], capture_output=True, timeout=120)
     assert done.returncode == -9
     (stale,) = labels.iterdir()
     assert stale.name.startswith(".a.png.") and stale.name.endswith(".tmp")
@@ -333,14 +336,7 @@ def test_the_next_run_removes_a_killed_runs_temporaries(tmp_path):
     from maskclip_apro.config import compose
 
     out = tmp_path / "out"
-    killed = (
-        "import os, signal, sys\n"
-        "from maskclip_apro.writing import atomic_write\n"
-        "with atomic_write(sys.argv[1]) as f:\n"
-        "    f.write(b'half')\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    subprocess.run([sys.executable, "-c", killed, str(out / "labels" / "im0.png")], capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out / "labels" / "im0.png")], capture_output=True, timeout=120)
     (stale,) = (out / "labels").glob(".im0.png.*.tmp")
     refine.run(compose("refine", ["model=tiny_vit", "dataset=synthetic", "dataset.num_images=1", f"output_dir={out}",
                                   f"generator.cache_dir={tmp_path / 'cache'}", "refine=none"]))
