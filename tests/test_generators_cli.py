@@ -81,6 +81,20 @@ def test_evaluate_and_refine_under_a_harness_protocol(tmp_path, cache):
     assert len(list((tmp_path / "refine" / "panels").glob("*.png"))) == 2  # ProxyCLIP, +PAMR, +APro columns
 
 
+HARNESS = {"maskclip": "sclip", "vanilla": "sclip", "sclip": "sclip", "clearclip": "clearclip", "naclip": "naclip",
+           "proxyclip": "proxyclip"}  # the protocol each generator runs under (its own, or SCLIP's for the others)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_generator_runs_through_evaluate_and_refine(tmp_path, cache, mode):
+    common = [f"protocol={HARNESS[mode]}", f"model.dense={mode}", "model=tiny_vit", "dataset=synthetic", "limit=1",
+              f"generator.cache_dir={cache}", "refine.apro.iters=2"]
+    results = evaluate.run(compose("evaluate", [*common, "refine=apro", f"output_dir={tmp_path / 'eval'}"]))
+    assert results["protocol"] == HARNESS[mode] and 0.0 <= results["methods"]["refine"]["mIoU"] <= 1.0
+    summary = refine.run(compose("refine", [*common, "refine=none", f"output_dir={tmp_path / 'refine'}"]))
+    assert summary["refined"] == 1 and len(list((tmp_path / "refine" / "labels").glob("*.png"))) == 1
+
+
 def test_a_multirun_over_generators_gives_one_table(tmp_path, cache):
     script = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
     out = tmp_path / "out"
