@@ -1,6 +1,6 @@
 """Entry point: see maskclip_apro/cli/evaluate.py (Hydra overrides as arguments)."""
 
-from maskclip_apro.cli.evaluate import main
+from maskclip_apro.cli.entry import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

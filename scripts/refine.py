@@ -1,6 +1,6 @@
 """Entry point: see maskclip_apro/cli/refine.py (Hydra overrides as arguments)."""
 
-from maskclip_apro.cli.refine import main
+from maskclip_apro.cli.entry import refine
 
 if __name__ == "__main__":
-    main()
+    refine()

@@ -1,6 +1,6 @@
 """Entry point: see maskclip_apro/cli/train.py (Hydra overrides as arguments)."""
 
-from maskclip_apro.cli.train import main
+from maskclip_apro.cli.entry import train
 
 if __name__ == "__main__":
-    main()
+    train()

@@ -258,6 +258,30 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
     assert not list(labels.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("command", ["refine", "evaluate", "compare", "train"])
+def test_ctrl_c_while_a_command_starts_is_one_line_and_status_130(command, monkeypatch, capsys):
+    """The seconds of imports before a command runs are covered too (cli/entry.py)."""
+    from maskclip_apro.cli import entry
+
+    def interrupted(name):
+        assert name == f"maskclip_apro.cli.{command}"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry.importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        getattr(entry, command)()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == f"{command} interrupted (Ctrl-C) while starting; nothing was written"
+
+
+def test_the_entry_points_import_no_torch():
+    """Importing an entry point is quick: torch, open_clip and Hydra come with the command, inside its handling."""
+    done = subprocess.run([sys.executable, "-c", "import sys, maskclip_apro.cli.entry; "
+                           "print(sorted(m for m in ('torch', 'open_clip', 'hydra') if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
 @pytest.mark.parametrize(
     "command, override, message",
     [
