@@ -13,7 +13,8 @@ Backends and devices (the rule is stated once more in `maskclip_apro.apro`):
   copied to the host and the outputs copied back to the inputs' device.
 - "triton": Triton kernels on CUDA tensors (or on any device under TRITON_INTERPRET=1); CPU
   tensors without the interpreter are an error, never a silent copy.
-- "auto": "triton" where Triton can run on the tensors' CUDA device, "cpu" otherwise.
+- "auto": "triton" where Triton can run on the tensors' CUDA device and passed its self-check
+  there (kernels/selfcheck.py: once per device and process, against "cpu"), "cpu" otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from . import _triton, gp_propagate, gp_tree, gp_tree_triton, lp
+from . import _triton, gp_propagate, gp_tree, gp_tree_triton, lp, selfcheck
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -55,7 +56,8 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton.triton_ready(device) else "cpu"
+        usable = device.type == "cuda" and _triton.triton_ready(device)
+        return "triton" if usable and selfcheck.triton_verified(device, OPS) else "cpu"
     if backend == "triton" and not _triton.triton_ready(device):
         if _triton.triton is None:
             raise ValueError("backend 'triton' needs the triton package; use backend='cpu' or 'torch'")

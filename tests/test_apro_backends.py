@@ -53,7 +53,10 @@ def test_each_backend_is_reached_through_the_public_api(backend, monkeypatch):
 
 def test_auto_resolution(monkeypatch):
     assert registry.resolve("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(registry.selfcheck, "triton_verified", lambda device, ops: True)
     assert registry.resolve("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setattr(registry.selfcheck, "triton_verified", lambda device, ops: False)
+    assert registry.resolve("auto", torch.device("cuda")) == "cpu"  # Triton disagreed with the CPU path there
     monkeypatch.setattr(ktriton, "triton_ready", lambda device: False)
     assert registry.resolve("auto", torch.device("cuda")) == "cpu"  # no usable Triton: the CPU path (host copy)
 

@@ -7,7 +7,9 @@
     y = local_propagation(unary, image, zeta_s=0.15, kernel_size=5, iters=20)
 
 Every call takes `backend=`:
-- "auto" (default): "triton" on CUDA tensors (when Triton is installed), "cpu" otherwise;
+- "auto" (default): "triton" on CUDA tensors (when Triton is installed and its kernels pass a
+  self-check against "cpu" on that device, run once per process; else "cpu" and one warning
+  line), "cpu" otherwise;
 - "torch": the PyTorch reference, on the tensors' device;
 - "cpu": the fast CPU path (numba). It always computes on the host: tensors on a GPU are
   copied to the host and the result is copied back to their device;
