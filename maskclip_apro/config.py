@@ -111,7 +111,8 @@ def protocol_name(cfg: DictConfig) -> str:
 
 
 def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
-    """The generator named by cfg.model and the protocol, for `class_names`, on cfg.device.
+    """The generator named by cfg.model and the protocol, for `class_names`, on cfg.device (run_device)
+    with its image tower in tower_precision's dtype.
 
     Under mode=harness a `class_file` (a built-in name such as voc21_sclip, or a path) gives the
     text of each class; it must have one line per class of `class_names`.
@@ -128,9 +129,29 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
                 f"generator.class_file {class_file!r} has {len(lines)} classes but the run has {len(class_names)}"
             )
         kwargs["class_lines"] = lines
+    device = run_device(cfg)
     return build_generator(
-        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"), **kwargs
+        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=device,
+        precision=tower_precision(cfg, device), **kwargs
     )
+
+
+def run_device(cfg: DictConfig):
+    """cfg.device as a torch.device: auto (the default) is cuda when torch finds a GPU, else cpu."""
+    from .distributed import resolve_device
+
+    return resolve_device(str(cfg.get("device") or "auto"))
+
+
+def tower_precision(cfg: DictConfig, device) -> str:
+    """The image towers' dtype name for a run on `device`: cfg.precision, where auto (the default)
+    means generator.cuda_precision on a CUDA device (the protocol's: what its official code runs)
+    and fp32 anywhere else."""
+    precision = str(cfg.get("precision") or "auto")
+    if precision != "auto":
+        return precision
+    generator = cfg.get("generator") or {}
+    return str(generator.get("cuda_precision") or "fp32") if device.type == "cuda" else "fp32"
 
 
 def refine_steps(cfg: DictConfig) -> list[str]:

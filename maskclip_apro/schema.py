@@ -65,8 +65,11 @@ _GENERATOR = {
     "stride": _optional(integer(1)),
     "cache_dir": _optional(TEXT),
 }
+TOWER_PRECISIONS = ("fp32", "fp16", "bf16")
 COMMON = {
     "output_dir": TEXT,
+    "precision": choice("auto", *TOWER_PRECISIONS),
+    "generator.cuda_precision": choice(*TOWER_PRECISIONS),
     "max_image_pixels": _optional(integer(1)),
     **{f"generator.{k}": rule for k, rule in _GENERATOR.items()},
     **{f"model.{k}": rule for k, rule in _GENERATOR.items() if k != "cache_dir"},

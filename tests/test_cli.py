@@ -60,6 +60,7 @@ def test_refine_with_the_resnet_runs_key_smoothing(tmp_path):
     summary = refine.run(compose("refine", _overrides(tmp_path, "model=tiny_resnet", "limit=1", "refine=ks_pd")))
     assert summary["refined"] == 1 and "ks" in summary["seconds_per_image"]
     assert summary["protocol"] == "maskclip"
+    assert (summary["device"], summary["precision"]) == ("cpu", "fp32")  # device=auto without a GPU
 
 
 def test_refine_on_a_labelled_dataset_reports_miou(tmp_path):
@@ -99,6 +100,7 @@ def test_evaluate_tags_results_with_the_config(tmp_path):
     results = evaluate.run(cfg)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["config"]["refine"]["steps"] == ["pd", "ks"]
+    assert saved["config"]["device"] == "auto" and (saved["device"], saved["precision"]) == ("cpu", "fp32")
     assert list(results["methods"]) == ["refine"] or len(results["methods"]) == 1
 
 

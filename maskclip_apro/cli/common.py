@@ -61,6 +61,11 @@ def on_device(cfg: DictConfig, info: DistInfo) -> DictConfig:
     return cfg
 
 
+def ran_on(info: DistInfo, generator: Any) -> dict[str, str]:
+    """Where the run computed, for its summary: this process's device and the image tower's dtype."""
+    return {"device": str(info.device), "precision": str(getattr(generator, "precision", "fp32"))}
+
+
 def run_options(cfg: DictConfig, info: DistInfo, on_error: str) -> RunOptions:
     """batch_size, workers and on_error (default `on_error`) of a per-image command."""
     return RunOptions(batch_size=int(cfg.get("batch_size", 1)), workers=int(cfg.get("workers", 0)),

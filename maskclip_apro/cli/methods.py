@@ -15,7 +15,7 @@ from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
 from ..segmenter import Segmenter
 from ..writing import output_path, write_json
-from .common import check, on_device, open_inputs, resolved, run_options, tidy
+from .common import check, on_device, open_inputs, ran_on, resolved, run_options, tidy
 
 
 def score(
@@ -38,8 +38,10 @@ def score(
         chains = {m: Chain.from_steps(s, refine_params(cfg)) for m, s in steps.items()}
         results = score_methods(segmenter, chains, steps, dataset, out, keys, protocol_name(cfg), panels,
                                 run_options(cfg, info, "stop"))
+        results = {**results, **ran_on(info, segmenter.generator)}
         if info.is_main:
             report(results, out)
             write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
-            print(f"per-image records: {ReuseLog.describe(results)}")
+            print(f"per-image records: {ReuseLog.describe(results)}; ran on {results['device']}, "
+                  f"image tower {results['precision']}")
     return results

@@ -19,7 +19,7 @@ from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
 from ..segmenter import Segmenter
 from ..writing import output_path, write_json
-from .common import check, on_device, open_inputs, resolved, run_options, tidy
+from .common import check, on_device, open_inputs, ran_on, resolved, run_options, tidy
 
 
 def panel_steps(generator) -> dict[str, list[str]]:
@@ -48,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
         outputs = RefineOutputs(save_probs=cfg.save_probs, panel=cfg.panel, overlay_alpha=cfg.overlay_alpha,
                                 overwrite=cfg.overwrite)
         summary = refine_dataset(segmenter, chains, dataset, out, keys, outputs, run_options(cfg, info, "skip"))
-        summary = {**summary, "protocol": protocol_name(cfg), "config": resolved(cfg)}
+        summary = {**summary, **ran_on(info, segmenter.generator), "protocol": protocol_name(cfg),
+                   "config": resolved(cfg)}
         if info.is_main:
             if "metrics" in summary:
                 print(format_table(summary["metrics"], class_names))
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
             print(
                 f"{summary['images']} images: {ReuseLog.describe(summary)}, {len(summary['failed'])} failed -> {out}  "
                 f"({per_stage or 'nothing ran'}; {summary['images_per_second']:.2f} img/s over "
-                f"{summary['processes']} process(es))"
+                f"{summary['processes']} process(es) on {summary['device']}, {summary['precision']})"
             )
     check_some_succeeded(summary["failed"], summary["images"])
     return summary

@@ -16,6 +16,8 @@ from .dense_attention import PROXY_BETA, PROXY_GAMMA
 from .harness import HarnessGenerator, check_harness_settings
 from .maskclip import MaskCLIPGenerator
 
+TOWER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def build_dense_backbone(
     visual: nn.Module,
@@ -56,6 +58,19 @@ def build_dense_backbone(
     raise ValueError(f"unsupported image tower {type(visual).__name__}: need an open_clip ViT or ModifiedResNet")
 
 
+def set_tower_precision(backbone: nn.Module, precision: str) -> None:
+    """Cast the image tower's weights (and ProxyCLIP's VFM's) to `precision` (TOWER_DTYPES), as the
+    SCLIP-family codes run their towers; each casts its input to its weights' dtype and the
+    generators take its outputs as float32, so text, heads and refiners keep their precision."""
+    if precision not in TOWER_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(TOWER_DTYPES)}, got {precision!r}")
+    dtype = TOWER_DTYPES[precision]
+    backbone.visual.to(dtype)
+    vfm = getattr(backbone, "vfm", None)
+    if vfm is not None:
+        vfm.model.to(dtype)
+
+
 def build_generator(
     model: str,
     pretrained: Optional[str],
@@ -83,6 +98,7 @@ def build_generator(
     pad_to: Union[None, str, int] = None,
     prob_thd: float = 0.0,
     area_thd: Optional[float] = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """A dense generator for `class_names` from an open_clip model and checkpoint (models.load_clip).
 
@@ -117,6 +133,8 @@ def build_generator(
     check_tower_settings(act, ln_eps)
     if harness:
         check_harness_settings(short_side, window, stride, pad_to, logit_scale, prob_thd, area_thd)
+    if precision not in TOWER_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(TOWER_DTYPES)}, got {precision!r}")
     clip, identity = load_clip(model, pretrained, device)
     configure_image_tower(clip.visual, act, ln_eps)
     mean, std = image_mean_std(clip, normalize)
@@ -130,6 +148,7 @@ def build_generator(
         clip.visual, dense, pos_interp=pos_interp, remainder="drop" if harness else "pad",
         naclip_sigma=naclip_sigma, proxy=proxy, vfm=vfm_model, mean=mean, std=std,
     )
+    set_tower_precision(backbone, precision)
     classifier, display = build_text_classifier(
         clip, model, identity, lines, template_list, background=background, cache_dir=cache_dir
     )
@@ -145,5 +164,7 @@ def build_generator(
         gen = MaskCLIPGenerator(
             backbone, classifier, display, mean, std, mode=mode, short_side=short_side, img_scale=img_scale, **common
         )
-    gen.identity = identity  # which weights: saved results made with other weights are not reused
+    gen.precision = precision
+    # which weights, in which dtype: saved results made with other weights are not reused
+    gen.identity = identity if precision == "fp32" else f"{identity} ({precision})"
     return gen.to(device).eval()

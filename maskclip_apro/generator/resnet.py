@@ -58,7 +58,7 @@ class ResNetDense(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.stem(x)
+        x = v.stem(x.to(v.conv1.weight.dtype))  # the tower runs in its weights' dtype
         return v.layer4(v.layer3(v.layer2(v.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

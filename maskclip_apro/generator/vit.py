@@ -131,7 +131,7 @@ class ViTDense(nn.Module):
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The tokens entering the last block (B, 1 + gh*gw, C), batch first, and the grid (gh, gw)."""
         v = self.visual
-        tokens = v.conv1(x)
+        tokens = v.conv1(x.to(v.conv1.weight.dtype))  # the tower runs in its weights' dtype
         b, c, gh, gw = tokens.shape
         tokens = tokens.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(tokens.dtype).expand(b, 1, c)
