@@ -108,41 +108,57 @@ def cuda_peak(fn, device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def run_rows(device: torch.device, sizes, ks, batches, repeats: int, cpu_path: bool) -> list[dict]:
-    backend = "triton" if device.type == "cuda" else "cpu"
-    rows = []
+def run_rows(device: torch.device, sizes, ks, batches, repeats: int, cpu_path: bool, on_row=None) -> list[dict]:
+    """Every (size, batch, K) row; `on_row(rows)` after each. A row whose inputs or temporaries do not
+    fit in GPU memory is recorded with its error, and the next row runs."""
+    rows: list[dict] = []
+    on_row = on_row or (lambda rows: None)
     for size in sizes:
         for batch in batches:
-            guide, unary = make_batch(size, max(ks), batch, device)
-            tree_stages(guide, backend, 1)  # warm-up: compiles every kernel of the tree build
-            stages, tree = tree_stages(guide, backend, repeats)
-            for k in ks:
-                u = unary[:, :k].softmax(1).contiguous()
-                flat = u.reshape(batch, k, -1)
-                parts = (tree.order, tree.lo, tree.hi, tree.children, tree.altitude)
-                propagate = lambda: registry.run("propagate", backend, flat, *parts, ZETA)  # noqa: E731
-                gp = lambda: global_propagation(u, guide, ZETA, backend=backend)  # noqa: E731
-                lp = lambda: local_propagation(u, guide, kernel_size=5, iters=20, backend=backend)  # noqa: E731
-                gp(), lp()  # warm-up
-                row = {"device": device.type, "size": size, "K": k, "batch": batch}
-                row.update({f"{name}_ms": 1e3 * t for name, t in stages.items()})
-                row["propagate_ms"] = 1e3 * best(propagate, repeats, device)
-                row["gp_total_ms"] = 1e3 * best(gp, repeats, device)
-                row["lp_ms"] = 1e3 * best(lp, repeats, device)
-                if device.type == "cuda":
-                    row["peak_gp_mib"] = cuda_peak(gp, device)
-                    row["peak_lp_mib"] = cuda_peak(lp, device)
-                if cpu_path and device.type != "cpu":
-                    row["cpu_gp_total_ms"] = 1e3 * best(lambda: global_propagation(u, guide, ZETA, backend="cpu"), 1, device)
-                    row["cpu_lp_ms"] = 1e3 * best(
-                        lambda: local_propagation(u, guide, kernel_size=5, iters=20, backend="cpu"), 1, device
-                    )
-                rows.append(row)
-                print(format_row(row), flush=True)
-            del guide, unary, tree
+            try:
+                run_batch(device, size, ks, batch, repeats, cpu_path, rows, on_row)
+            except torch.cuda.OutOfMemoryError as error:
+                done = {r["K"] for r in rows if (r["size"], r["batch"]) == (size, batch)}
+                for k in (k for k in ks if k not in done):
+                    rows.append({"device": device.type, "size": size, "K": k, "batch": batch,
+                                 "error": f"out of memory ({str(error).splitlines()[0][:120]})"})
+                    print(f"| {size} | {k} | {batch} | {rows[-1]['error']} |", flush=True)
+                    on_row(rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def run_batch(device, size: int, ks, batch: int, repeats: int, cpu_path: bool, rows: list, on_row) -> None:
+    """The rows of one (size, batch): the tree's stages once, then propagation, GP and LP per K."""
+    backend = "triton" if device.type == "cuda" else "cpu"
+    guide, unary = make_batch(size, max(ks), batch, device)
+    tree_stages(guide, backend, 1)  # warm-up: compiles every kernel of the tree build
+    stages, tree = tree_stages(guide, backend, repeats)
+    for k in ks:
+        u = unary[:, :k].softmax(1).contiguous()
+        flat = u.reshape(batch, k, -1)
+        parts = (tree.order, tree.lo, tree.hi, tree.children, tree.altitude)
+        propagate = lambda: registry.run("propagate", backend, flat, *parts, ZETA)  # noqa: E731
+        gp = lambda: global_propagation(u, guide, ZETA, backend=backend)  # noqa: E731
+        lp = lambda: local_propagation(u, guide, kernel_size=5, iters=20, backend=backend)  # noqa: E731
+        gp(), lp()  # warm-up
+        row = {"device": device.type, "size": size, "K": k, "batch": batch}
+        row.update({f"{name}_ms": 1e3 * t for name, t in stages.items()})
+        row["propagate_ms"] = 1e3 * best(propagate, repeats, device)
+        row["gp_total_ms"] = 1e3 * best(gp, repeats, device)
+        row["lp_ms"] = 1e3 * best(lp, repeats, device)
+        if device.type == "cuda":
+            row["peak_gp_mib"] = cuda_peak(gp, device)
+            row["peak_lp_mib"] = cuda_peak(lp, device)
+        if cpu_path and device.type != "cpu":
+            row["cpu_gp_total_ms"] = 1e3 * best(lambda: global_propagation(u, guide, ZETA, backend="cpu"), 1, device)
+            row["cpu_lp_ms"] = 1e3 * best(
+                lambda: local_propagation(u, guide, kernel_size=5, iters=20, backend="cpu"), 1, device
+            )
+        rows.append(row)
+        print(format_row(row), flush=True)
+        on_row(rows)
 
 
 COLUMNS = ["weights", "mst", "sort", "krt", "leaf ranges", "propagate", "gp_total", "lp"]
@@ -283,7 +299,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
     parser.add_argument("--no-cpu-path", action="store_true", help="on CUDA, skip timing the CPU path")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows (and the machine) to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows (and the machine) to FILE, after every row")
     parser.add_argument("--structure", action="store_true", help="count launches per stage under the interpreter")
     parser.add_argument("--structure-size", type=int, default=512)
     args = parser.parse_args()
@@ -305,7 +321,8 @@ def main() -> None:
         print(f"{meta.get('gpu', meta['machine'])}, torch {meta['torch']} ({meta['torch_threads']} threads), "
               f"numba {meta['numba']}; ms, best of {args.repeats}; zeta {ZETA}\n")
         print(header(device, not args.no_cpu_path))
-        rows = run_rows(device, sizes, args.ks, batches, args.repeats, not args.no_cpu_path)
+        save = (lambda rows: write_json(args.json, {"meta": meta, "rows": rows}, indent=1)) if args.json else None
+        rows = run_rows(device, sizes, args.ks, batches, args.repeats, not args.no_cpu_path, save)
         if device.type == "cpu":
             print("\ncpu path: 'sort' is the radix sort of all grid edges; MST and KRT are one Kruskal pass (KRT column)")
     if args.json:
