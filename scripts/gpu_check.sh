@@ -14,8 +14,10 @@
 #              then the CPU path beside the GPU path at 512 px, batch 1 (JSON in DIR/bench_*.json)
 #   refine_*   refine images/s, model=vit_b16 model.pretrained=null (random weights: nothing downloads),
 #              512x512 synthetic images, precision fp32 and fp16
-# GPU_CHECK_DRY=1 is --dry. Budget: under 5 minutes on one H100 (each step has its own time limit).
-# Everything, caches included (Triton's, the text embeddings), is written under the output folder.
+# GPU_CHECK_DRY=1 is --dry. Budget: under 5 minutes on one H100; each step has its own time limit, all
+# together 570 s, so one 10-minute device call always ends with a summary (PYTHON=... picks the interpreter).
+# Everything is written under the output folder, Triton's and the text-embedding caches included
+# (numba keeps its cache with the installed kernels, as in any run: docs/kernels.md).
 set -u -o pipefail
 
 OUT=./gpu_check_out
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
         --dry) DRY=1 ;;
         --install) INSTALL=1 ;;
         --out) OUT=${2:?--out needs a folder}; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -60,7 +62,7 @@ if [ "$INSTALL" = 1 ]; then
     step install 600 "$PY" -m pip install "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
 fi
 
-parallel gpu 60 bash -c "command -v nvidia-smi >/dev/null && nvidia-smi; $PY - <<'EOF'
+parallel gpu 30 bash -c "command -v nvidia-smi >/dev/null && nvidia-smi; $PY - <<'EOF'
 import platform, torch, triton
 print(f'python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')
 print(f'GPU: {torch.cuda.get_device_name(0)}' if torch.cuda.is_available() else 'GPU: none (torch finds no CUDA device)')
@@ -77,24 +79,24 @@ if [ "$DRY" = 1 ]; then
     PRECISIONS="fp16"  # the loop's plumbing; fp32 is the same command
 else
     DEVICE=cuda
-    step tier 240 env TRITON_INTERPRET=0 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests
+    step tier 150 env TRITON_INTERPRET=0 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider --basetemp "$OUT/pytest" tests
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
     if [ -n "$SANITIZER" ]; then
-        step memcheck 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITON_INTERPRET=0 "$SANITIZER" --tool memcheck \
-            --error-exitcode 1 --print-limit 20 "$PY" scripts/gpu_check_gp.py
+        step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITON_INTERPRET=0 "$SANITIZER" --tool memcheck \
+            --error-exitcode 1 --report-api-errors no --print-limit 20 "$PY" scripts/gpu_check_gp.py
     else
         skip memcheck "compute-sanitizer not found (CUDA toolkit not installed)"
     fi
-    step bench 240 env TRITON_INTERPRET=0 "$PY" scripts/bench_apro.py --device cuda --no-cpu-path \
+    step bench 120 env TRITON_INTERPRET=0 "$PY" scripts/bench_apro.py --device cuda --no-cpu-path \
         --json "$OUT/bench_gpu.json"
-    step bench_cpu_path 180 env TRITON_INTERPRET=0 "$PY" scripts/bench_apro.py --device cuda --sizes 512 \
+    step bench_cpu_path 60 env TRITON_INTERPRET=0 "$PY" scripts/bench_apro.py --device cuda --sizes 512 \
         --batches 1 --json "$OUT/bench_cpu_path.json"
     REFINE=(model=vit_b16 model.pretrained=null dataset.size=512 dataset.num_images=32)
     PRECISIONS="fp32 fp16"
 fi
 
 for precision in $PRECISIONS; do
-    parallel "refine_$precision" 180 env TRITON_INTERPRET=0 "$PY" scripts/refine.py dataset=synthetic "${REFINE[@]}" \
+    parallel "refine_$precision" 60 env TRITON_INTERPRET=0 "$PY" scripts/refine.py dataset=synthetic "${REFINE[@]}" \
         device=$DEVICE precision=$precision overwrite=true "generator.cache_dir=$OUT/cache/text" \
         "output_dir=$OUT/refine_$precision"
 done

@@ -1,8 +1,9 @@
 """device=auto and precision=auto: what each resolves to, and reduced-precision image towers giving the
 float32 labels on the tiny models (fp16 and bf16 run on the CPU too, so this is checked here).
 
-Tolerance, measured on these inputs: fp16 >= 99 % equal pixel labels and class probabilities within
-0.01 of float32's; bf16 (8 mantissa bits) >= 97 % and within 0.05.
+Tolerance: fp16 >= 99 % equal pixel labels and class probabilities within 0.01 of float32's; bf16
+(8 mantissa bits) >= 98 % and within 0.02. Measured on these inputs: fp16 >= 99.96 % and <= 0.0014,
+bf16 >= 99.51 % and <= 0.0093 (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", 
 CUDA, CPU = torch.device("cuda:0"), torch.device("cpu")
 OFFICIAL = {"maskclip": "fp32", "clip": "fp32", "sclip": "fp16", "naclip": "fp16", "clearclip": "fp16",
             "proxyclip": "fp16"}  # the towers' dtype of each protocol's official code on CUDA (conf/protocol/)
-TOLERANCE = {"fp16": (0.99, 0.01), "bf16": (0.97, 0.05)}  # (share of equal labels, largest probability change)
+TOLERANCE = {"fp16": (0.99, 0.01), "bf16": (0.98, 0.02)}  # (share of equal labels, largest probability change)
 
 
 @pytest.mark.parametrize("command", ["refine", "evaluate", "compare", "train"])
