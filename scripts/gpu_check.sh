@@ -66,6 +66,7 @@ parallel gpu 30 bash -c "command -v nvidia-smi >/dev/null && nvidia-smi; $PY - <
 import platform, torch, triton
 print(f'python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')
 print(f'GPU: {torch.cuda.get_device_name(0)}' if torch.cuda.is_available() else 'GPU: none (torch finds no CUDA device)')
+raise SystemExit(0 if torch.cuda.is_available() or $DRY == 1 else 1)
 EOF"
 
 if [ "$DRY" = 1 ]; then
@@ -116,7 +117,7 @@ print("| step | status | seconds | note |\n|---|---|---:|---|")
 for name, status, seconds, *note in steps:
     word = {"0": "ok", "124": "TIMED OUT", "137": "KILLED", "skipped": "skipped"}.get(status, f"FAILED ({status})")
     log = out / f"{name}.log"
-    last = [l for l in log.read_text().splitlines() if l.strip()][-1:] if log.exists() and status != "0" else []
+    last = [l for l in log.read_text().splitlines() if l.strip()][-1:] if log.exists() else []
     print(f"| {name} | {word} | {seconds} | {(note or last or [''])[0][:160]} |")
 for name in ("bench_gpu", "bench_cpu_path"):
     path = out / f"{name}.json"
