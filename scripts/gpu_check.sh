@@ -46,6 +46,7 @@ export TRITON_CACHE_DIR="$OUT/cache/triton" MPLCONFIGDIR="$OUT/cache/matplotlib"
 step() {
     local name=$1 limit=$2 start rc ms
     shift 2
+    [ "$DRY" = 1 ] && limit=300  # the limits budget a GPU; a busy CPU may need more
     echo "== $name: $*" | tee "$OUT/$name.log"
     start=$(date +%s%N)
     timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
