@@ -58,13 +58,18 @@ def build_dense_backbone(
     raise ValueError(f"unsupported image tower {type(visual).__name__}: need an open_clip ViT or ModifiedResNet")
 
 
+def tower_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (TOWER_DTYPES); ValueError for any other name."""
+    if precision not in TOWER_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(TOWER_DTYPES)}, got {precision!r}")
+    return TOWER_DTYPES[precision]
+
+
 def set_tower_precision(backbone: nn.Module, precision: str) -> None:
     """Cast the image tower's weights (and ProxyCLIP's VFM's) to `precision` (TOWER_DTYPES), as the
     SCLIP-family codes run their towers; each casts its input to its weights' dtype and the
     generators take its outputs as float32, so text, heads and refiners keep their precision."""
-    if precision not in TOWER_DTYPES:
-        raise ValueError(f"precision must be one of {tuple(TOWER_DTYPES)}, got {precision!r}")
-    dtype = TOWER_DTYPES[precision]
+    dtype = tower_dtype(precision)
     backbone.visual.to(dtype)
     vfm = getattr(backbone, "vfm", None)
     if vfm is not None:
@@ -133,8 +138,7 @@ def build_generator(
     check_tower_settings(act, ln_eps)
     if harness:
         check_harness_settings(short_side, window, stride, pad_to, logit_scale, prob_thd, area_thd)
-    if precision not in TOWER_DTYPES:
-        raise ValueError(f"precision must be one of {tuple(TOWER_DTYPES)}, got {precision!r}")
+    tower_dtype(precision)  # fail on a bad name before loading weights
     clip, identity = load_clip(model, pretrained, device)
     configure_image_tower(clip.visual, act, ln_eps)
     mean, std = image_mean_std(clip, normalize)
