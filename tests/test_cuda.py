@@ -143,8 +143,8 @@ def test_nccl_under_torchrun(tmp_path):
     script = tmp_path / "nccl.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "dist.init_process_group('nccl')\n"
         "torch.cuda.set_device(0)\n"
+        "dist.init_process_group('nccl')\n"
         "t = torch.ones(3, device='cuda')\n"
         "dist.all_reduce(t)\n"
         "print('nccl', dist.get_backend(), t.sum().item())\n"
