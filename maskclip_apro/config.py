@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from importlib import resources
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+
+from .data.io import weights_error
 
 CONF_DIR = str(resources.files("maskclip_apro.conf"))
 GENERATOR_KEYS = (
@@ -39,6 +43,8 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
     import hydra
 
+    from .writing import check_output_dir
+
     def task(cfg: DictConfig) -> Any:
         try:
             return run(cfg)
@@ -50,13 +56,33 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
     def main() -> Any:
         try:
+            # Hydra creates output_dir and opens its log file there before `run` starts.
+            check_output_dir(_output_dir_argument(config_name, sys.argv[1:]))
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"error: {error}") from None
+        try:
             return app()
-        except KeyboardInterrupt:
-            print(f"\n{config_name} interrupted (Ctrl-C); every file already written is complete", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:
+            what = str(interrupt) or "every file already written is complete"
+            print(f"\n{config_name} interrupted (Ctrl-C); {what}", file=sys.stderr)
             raise SystemExit(130) from None
 
     main.__doc__ = f"The {config_name} command (Hydra overrides as arguments)."
     return main
+
+
+def _output_dir_argument(config_name: str, args: Sequence[str]) -> str:
+    """The output_dir a command line asks for (the config's default when it names none), up to its
+    first interpolation (`${now:...}` is only known once Hydra runs)."""
+    value = None
+    for arg in args:
+        key, sep, given = arg.partition("=")
+        if sep and key.lstrip("+") == "output_dir":
+            value = given.strip("'\"")
+    if value is None:
+        value = str(OmegaConf.load(f"{CONF_DIR}/{config_name}.yaml").get("output_dir", "."))
+    head = value.split("${", 1)[0]
+    return head if head == value or not head else head.rsplit("/", 1)[0] or "/"
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -128,9 +154,16 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
                 f"generator.class_file {class_file!r} has {len(lines)} classes but the run has {len(class_names)}"
             )
         kwargs["class_lines"] = lines
-    return build_generator(
-        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"), **kwargs
-    )
+    vfm = kwargs.get("vfm") or {}
+    try:
+        return build_generator(
+            cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"), **kwargs
+        )
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as error:
+        path = vfm.get("pretrained") if isinstance(vfm, dict) else None
+        if not isinstance(path, str) or kwargs.get("dense") != "proxyclip":
+            raise
+        raise weights_error(path, "model.vfm.pretrained file", error) from None
 
 
 def refine_steps(cfg: DictConfig) -> list[str]:

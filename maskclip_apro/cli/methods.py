@@ -15,7 +15,7 @@ from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
 from ..segmenter import Segmenter
 from ..writing import output_path, write_json
-from .common import check, on_device, open_inputs, resolved, run_options, tidy
+from .common import check, on_device, open_inputs, resolved, run_folder, run_options, skipped_inputs
 
 
 def score(
@@ -29,15 +29,17 @@ def score(
     """Score every method (name -> refiner steps) on one generator pass per image; returns the
     results, which rank 0 hands to `report` and writes to <out>/results.json (out: cfg.output_dir)."""
     check(cfg, command)
-    with process_group(str(cfg.device)) as info:
-        out = tidy(Path(broadcast_object(str(out or cfg.output_dir), info)), info)
+    with process_group(str(cfg.device)) as info, \
+            run_folder(broadcast_object(str(out or cfg.output_dir), info), info) as out:
         dataset, class_names = open_inputs(cfg)
+        skipped = skipped_inputs(dataset, str(cfg.get("on_error", "stop")), info)
         segmenter = Segmenter.from_config(on_device(cfg, info), class_names)
         steps = {m: list(v) for m, v in methods.items()}
         keys = ResultKey(resolved(cfg), class_names, segmenter.generator.identity, {"methods": steps})
         chains = {m: Chain.from_steps(s, refine_params(cfg)) for m, s in steps.items()}
         results = score_methods(segmenter, chains, steps, dataset, out, keys, protocol_name(cfg), panels,
-                                run_options(cfg, info, "stop"))
+                                run_options(cfg, info, "stop"), desc=command)
+        results = {**results, "skipped_inputs": skipped}
         if info.is_main:
             report(results, out)
             write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
