@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .data.io import weights_error
+from .data.io import read_weights
 
 CONF_DIR = str(resources.files("maskclip_apro.conf"))
 GENERATOR_KEYS = (
@@ -155,15 +154,12 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
             )
         kwargs["class_lines"] = lines
     vfm = kwargs.get("vfm") or {}
-    try:
-        return build_generator(
-            cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"), **kwargs
-        )
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as error:
-        path = vfm.get("pretrained") if isinstance(vfm, dict) else None
-        if not isinstance(path, str) or kwargs.get("dense") != "proxyclip":
-            raise
-        raise weights_error(path, "model.vfm.pretrained file", error) from None
+    if kwargs.get("dense") == "proxyclip" and isinstance(vfm.get("pretrained"), str):
+        # timm would unpickle anything in the file; only tensors pass this check (mapped, not read).
+        read_weights(str(Path(vfm["pretrained"]).expanduser()), "model.vfm.pretrained file", mmap=True)
+    return build_generator(
+        cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=cfg.get("device", "cpu"), **kwargs
+    )
 
 
 def refine_steps(cfg: DictConfig) -> list[str]:

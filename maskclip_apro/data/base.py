@@ -64,12 +64,16 @@ def file_digest(path: Path, known: tuple[str, str] | None = None) -> tuple[str, 
         return identity, str(known[1])
     cached = _DIGESTS.get((str(path), identity))
     if cached is None:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        cached = _DIGESTS[(str(path), identity)] = f"blake2b:{h.hexdigest()}"
+        cached = _DIGESTS[(str(path), identity)] = _hash_file(path)
     return identity, cached
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"blake2b:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)

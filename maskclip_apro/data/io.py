@@ -189,3 +189,35 @@ def weights_error(path: PathLike, what: str, error: BaseException) -> ValueError
         lines = [line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line]
         reason = lines[0] if lines else type(error).__name__
     return ValueError(f"cannot read {what} {str(path)!r}: {reason}")
+
+
+def read_weights(path: PathLike, what: str = "weights file", mmap: bool = False) -> dict:
+    """The tensors of a weights file: .safetensors, or a torch file loaded tensors-only
+    (weights_only=True; a checkpoint's "state_dict" or "model" entry when it has one).
+
+    mmap: map a torch zip file instead of reading it (a cheap check of a large file). ValueError
+    (weights_error) for a file that cannot be read or holds anything but tensors.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} not found")
+    try:
+        if p.suffix == ".safetensors":
+            return load_file(str(p))
+        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
+        raise weights_error(p, what, e) from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{what} {str(p)!r} does not hold a state dict of tensors")
+    return obj

@@ -17,19 +17,16 @@ remove_stale_temporaries).
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
-from ..data.io import weights_error
+from ..data.io import read_weights
 from ..writing import atomic_directory, save_safetensors, write_json
 
 MODEL_FILE = "model.safetensors"
@@ -39,23 +36,8 @@ LATEST = "latest.json"
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a torch file loaded with weights_only=True."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            return load_file(str(p))
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
-        raise weights_error(p, "weights file", e) from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {p} does not hold a state dict of tensors")
-    return obj
+    """Tensors of a .safetensors file, or of a torch file loaded with weights_only=True (data.io.read_weights)."""
+    return read_weights(path, "weights file")
 
 
 def model_metadata(model: nn.Module) -> Dict[str, str]:
