@@ -8,10 +8,13 @@ The work is pipeline.refine's; this module composes it from the config and repor
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from omegaconf import DictConfig
 
 from ..config import hydra_app, protocol_name, refine_params, refine_steps
-from ..distributed import process_group
+from ..distributed import DistInfo, process_group
 from ..evaluation import format_table
 from ..pipeline.loop import check_some_succeeded
 from ..pipeline.refine import MAIN, RefineOutputs, refine_dataset
@@ -35,6 +38,33 @@ def panel_title(steps: list[str]) -> str:
     return "labels: " + ("+".join(steps) if steps else "unary")
 
 
+def _refine(cfg: DictConfig, info: DistInfo, out: Path, dataset: Any, class_names: list[str], skipped: list[dict]) -> dict:
+    """The run itself, in its locked output folder; rank 0 writes and prints the summary."""
+    segmenter = Segmenter.from_config(on_device(cfg, info), class_names)
+    keys = ResultKey(resolved(cfg), class_names, segmenter.generator.identity, {"overlay_alpha": cfg.overlay_alpha})
+    chains = {MAIN: segmenter.refiner}
+    steps = refine_steps(cfg)
+    if cfg.panel:
+        chains.update({title: Chain.from_steps(column, refine_params(cfg))
+                       for title, column in panel_steps(segmenter.generator, steps).items()})
+    outputs = RefineOutputs(save_probs=cfg.save_probs, panel=cfg.panel, panel_title=panel_title(steps),
+                            overlay_alpha=cfg.overlay_alpha, overwrite=cfg.overwrite)
+    summary = refine_dataset(segmenter, chains, dataset, out, keys, outputs, run_options(cfg, info, "skip"))
+    summary = {**summary, "skipped_inputs": skipped, "protocol": protocol_name(cfg), "config": resolved(cfg)}
+    if info.is_main:
+        if "metrics" in summary:
+            print(format_table(summary["metrics"], class_names))
+        write_json(output_path(out, "summary.json"), summary)
+        per_stage = ", ".join(f"{k} {v:.3f}s" for k, v in summary["seconds_per_image"].items())
+        print(
+            f"{summary['images']} images: {ReuseLog.describe(summary)}, {len(summary['failed'])} failed"
+            + (f", {len(skipped)} input file(s) skipped" if skipped else "") + f" -> {out}  "
+            f"({per_stage or 'nothing ran'}; {summary['images_per_second']:.2f} img/s over "
+            f"{summary['processes']} process(es))"
+        )
+    return summary
+
+
 def run(cfg: DictConfig) -> dict:
     """Refine every input image; returns the summary rank 0 also writes to output_dir/summary.json.
 
@@ -43,32 +73,11 @@ def run(cfg: DictConfig) -> dict:
     stops the run (on_error=stop); a run where every image fails is an error either way.
     """
     check(cfg, "refine")
-    with process_group(str(cfg.device)) as info, run_folder(cfg.output_dir, info) as out:
+    with process_group(str(cfg.device)) as info:
         dataset, class_names = open_inputs(cfg)
-        on_error = str(cfg.get("on_error", "skip"))
-        skipped = skipped_inputs(dataset, on_error, info)
-        segmenter = Segmenter.from_config(on_device(cfg, info), class_names)
-        keys = ResultKey(resolved(cfg), class_names, segmenter.generator.identity, {"overlay_alpha": cfg.overlay_alpha})
-        chains = {MAIN: segmenter.refiner}
-        steps = refine_steps(cfg)
-        if cfg.panel:
-            chains.update({title: Chain.from_steps(column, refine_params(cfg))
-                           for title, column in panel_steps(segmenter.generator, steps).items()})
-        outputs = RefineOutputs(save_probs=cfg.save_probs, panel=cfg.panel, panel_title=panel_title(steps),
-                                overlay_alpha=cfg.overlay_alpha, overwrite=cfg.overwrite)
-        summary = refine_dataset(segmenter, chains, dataset, out, keys, outputs, run_options(cfg, info, "skip"))
-        summary = {**summary, "skipped_inputs": skipped, "protocol": protocol_name(cfg), "config": resolved(cfg)}
-        if info.is_main:
-            if "metrics" in summary:
-                print(format_table(summary["metrics"], class_names))
-            write_json(output_path(out, "summary.json"), summary)
-            per_stage = ", ".join(f"{k} {v:.3f}s" for k, v in summary["seconds_per_image"].items())
-            print(
-                f"{summary['images']} images: {ReuseLog.describe(summary)}, {len(summary['failed'])} failed"
-                + (f", {len(skipped)} input file(s) skipped" if skipped else "") + f" -> {out}  "
-                f"({per_stage or 'nothing ran'}; {summary['images_per_second']:.2f} img/s over "
-                f"{summary['processes']} process(es))"
-            )
+        skipped = skipped_inputs(dataset, str(cfg.get("on_error", "skip")), info)
+        with run_folder(cfg.output_dir, info) as out:
+            summary = _refine(cfg, info, out, dataset, class_names, skipped)
     check_some_succeeded(summary["failed"], summary["images"])
     return summary
 
