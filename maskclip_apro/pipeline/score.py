@@ -68,6 +68,13 @@ def check_record(record: Mapping[str, np.ndarray], names: Sequence[str], k: int,
     """
     if str(record.get("digest", "")) != record_digest(record):
         return "its content does not match its digest (edited, or written by another version)"
+    try:
+        return _check_arrays(record, names, k, scored)
+    except (TypeError, ValueError) as error:  # arrays of the wrong kind (text where numbers belong)
+        return f"it holds malformed arrays ({error})"
+
+
+def _check_arrays(record: Mapping[str, np.ndarray], names: Sequence[str], k: int, scored: int | None) -> str | None:
     if [str(m) for m in np.atleast_1d(record.get("methods", np.array([])))] != list(names):
         return f"it holds methods {record.get('methods')}, expected {list(names)}"
     for j in range(len(names)):
@@ -122,9 +129,7 @@ class _Reader:
                 return
             tqdm.write(f"{path}: {problem}; recomputing it", file=sys.stderr)
             item.reason = "bad record"
-        start = time.perf_counter()
         item.sample = self.dataset[item.index]
-        item.read_seconds = time.perf_counter() - start
         if item.sample.label is None:
             raise ValueError(f"image {item.name!r} has no ground-truth label; evaluation needs a labelled dataset")
 
