@@ -56,7 +56,9 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     def main() -> Any:
         try:
             # Hydra creates output_dir and opens its log file there before `run` starts.
-            check_output_dir(_output_dir_argument(config_name, sys.argv[1:]))
+            path, whole = _output_dir_argument(config_name, sys.argv[1:])
+            if path:
+                check_output_dir(path, links=whole)
         except (ValueError, OSError) as error:
             raise SystemExit(f"error: {error}") from None
         try:
@@ -70,18 +72,21 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
     return main
 
 
-def _output_dir_argument(config_name: str, args: Sequence[str]) -> str:
+def _output_dir_argument(config_name: str, args: Sequence[str]) -> tuple[str, bool]:
     """The output_dir a command line asks for (the config's default when it names none), up to its
-    first interpolation (`${now:...}` is only known once Hydra runs)."""
+    first interpolation (`${now:...}` is only known once Hydra runs), and whether that is all of it."""
     value = None
     for arg in args:
         key, sep, given = arg.partition("=")
         if sep and key.lstrip("+") == "output_dir":
             value = given.strip("'\"")
     if value is None:
-        value = str(OmegaConf.load(f"{CONF_DIR}/{config_name}.yaml").get("output_dir", "."))
+        raw = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/{config_name}.yaml"), resolve=False)
+        value = str(raw.get("output_dir", "."))
     head = value.split("${", 1)[0]
-    return head if head == value or not head else head.rsplit("/", 1)[0] or "/"
+    if head == value:
+        return value, True
+    return head.rsplit("/", 1)[0] if "/" in head else "", False
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:

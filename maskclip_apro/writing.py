@@ -260,11 +260,11 @@ def save_rgb(path: PathLike, image: np.ndarray) -> None:
 
 
 
-def check_output_dir(path: PathLike) -> Path:
+def check_output_dir(path: PathLike, links: bool = True) -> Path:
     """`path` as an output folder, or ValueError saying why it cannot be one: it or a folder above
     it is a file, the nearest existing folder cannot be written (a read-only file system, no
-    permission), or it holds a symbolic link (files are written only inside the folder, never
-    through a link such as a linked labels/)."""
+    permission), or (links=True) it holds a symbolic link (files are written only inside the
+    folder, never through a link such as a linked labels/)."""
     path = Path(os.path.abspath(path))
     existing = path
     while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
@@ -275,11 +275,11 @@ def check_output_dir(path: PathLike) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output_dir {str(path)!r} cannot be written: {str(existing)!r} is on a read-only file "
                          "system or not writable by this user")
-    if existing == path:
-        links = sorted(entry.name for entry in os.scandir(path) if entry.is_symlink())
-        if links:
-            raise ValueError(f"output_dir {str(path)!r} holds symbolic link(s) {links}; files are written only inside "
-                             "output_dir, never through a link: remove the link or choose another output_dir")
+    if links and existing == path:
+        linked = sorted(entry.name for entry in os.scandir(path) if entry.is_symlink())
+        if linked:
+            raise ValueError(f"output_dir {str(path)!r} holds symbolic link(s) {linked}; files are written only "
+                             "inside output_dir, never through a link: remove the link or choose another output_dir")
     return path
 
 

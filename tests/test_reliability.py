@@ -453,6 +453,7 @@ def _main_error(module, argv, monkeypatch, capsys) -> str:
 
 def test_an_output_dir_that_cannot_be_one_is_one_error_line_before_hydra_starts(tmp_path, monkeypatch, capsys):
     from maskclip_apro import writing
+    from maskclip_apro.config import _output_dir_argument
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -468,6 +469,9 @@ def test_an_output_dir_that_cannot_be_one_is_one_error_line_before_hydra_starts(
     assert line.startswith(f"error: output_dir {str(readonly / 'out')!r} cannot be written: {str(readonly)!r} is on "
                            "a read-only file system")
     assert not (readonly / "out").exists()
+    # A default with interpolations (train's outputs/train/${dataset.name}/${now:...}) is checked up to them.
+    assert _output_dir_argument("train", []) == ("outputs/train", False)
+    assert _output_dir_argument("refine", ["++output_dir='x/y'"]) == ("x/y", True)
 
 
 def test_bad_weights_files_are_one_line_without_torchs_unsafe_advice(tmp_path):
