@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+
+from .data.io import read_weights
 
 CONF_DIR = str(resources.files("maskclip_apro.conf"))
 GENERATOR_KEYS = (
@@ -39,6 +42,8 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
     import hydra
 
+    from .writing import check_output_dir
+
     def task(cfg: DictConfig) -> Any:
         try:
             return run(cfg)
@@ -50,13 +55,38 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[]
 
     def main() -> Any:
         try:
+            # Hydra creates output_dir and opens its log file there before `run` starts.
+            path, whole = _output_dir_argument(config_name, sys.argv[1:])
+            if path:
+                check_output_dir(path, links=whole)
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"error: {error}") from None
+        try:
             return app()
-        except KeyboardInterrupt:
-            print(f"\n{config_name} interrupted (Ctrl-C); every file already written is complete", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:
+            what = str(interrupt) or "every file already written is complete"
+            print(f"\n{config_name} interrupted (Ctrl-C); {what}", file=sys.stderr)
             raise SystemExit(130) from None
 
     main.__doc__ = f"The {config_name} command (Hydra overrides as arguments)."
     return main
+
+
+def _output_dir_argument(config_name: str, args: Sequence[str]) -> tuple[str, bool]:
+    """The output_dir a command line asks for (the config's default when it names none), up to its
+    first interpolation (`${now:...}` is only known once Hydra runs), and whether that is all of it."""
+    value = None
+    for arg in args:
+        key, sep, given = arg.partition("=")
+        if sep and key.lstrip("+") == "output_dir":
+            value = given.strip("'\"")
+    if value is None:
+        raw = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/{config_name}.yaml"), resolve=False)
+        value = str(raw.get("output_dir", "."))
+    head = value.split("${", 1)[0]
+    if head == value:
+        return value, True
+    return head.rsplit("/", 1)[0] if "/" in head else "", False
 
 
 def generator_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -129,6 +159,10 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
                 f"generator.class_file {class_file!r} has {len(lines)} classes but the run has {len(class_names)}"
             )
         kwargs["class_lines"] = lines
+    vfm = kwargs.get("vfm") or {}
+    if kwargs.get("dense") == "proxyclip" and isinstance(vfm.get("pretrained"), str):
+        # timm would unpickle anything in the file; only tensors pass this check (mapped, not read).
+        read_weights(str(Path(vfm["pretrained"]).expanduser()), "model.vfm.pretrained file", mmap=True)
     device = run_device(cfg)
     return build_generator(
         cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=device,

@@ -58,8 +58,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, orderly: bool = True) -> None:
+    """Leave the process group. orderly (a rank that finished its work): wait at a barrier until every
+    rank has finished its collectives, then destroy the group; a rank that destroyed its group and
+    exited while another still talked to it could end that rank with SIGABRT ("terminate called
+    without an active exception") after the work was done. A rank that is failing leaves at once
+    (the others learn of it from their own collectives, or torchrun ends them)."""
     if info.enabled and dist.is_initialized():
+        if orderly:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -71,9 +78,12 @@ def process_group(device: str = "auto") -> Iterator[DistInfo]:
     info = init_distributed(device)
     try:
         yield info
-    finally:
+    except BaseException:
         if started:
-            shutdown(info)
+            shutdown(info, orderly=False)
+        raise
+    if started:
+        shutdown(info)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

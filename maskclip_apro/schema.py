@@ -86,7 +86,15 @@ COMMANDS: dict[str, dict[str, Rule]] = {
     },
     "evaluate": dict(_INPUTS),
     "compare": {**_INPUTS, "panels": integer(0)},
-    "train": {"amp": BOOL, "augment.flip": BOOL, "seed": integer(0), "accum": integer(1), "workers": integer(0)},
+    "train": {"amp": BOOL, "augment.flip": BOOL, "seed": integer(0), "accum": integer(1),
+              "workers": _optional(integer(0)), "batch_size": integer(1), "log_interval": integer(1),
+              "eval.interval": integer(0), "checkpoint.interval": integer(0), "checkpoint.keep": integer(1)},
+}
+# Refiner parameter values the refiners' constructors accept but their first image would reject.
+REFINER_VALUES = {
+    "apro.kernel_size": Rule("an odd integer >= 1 (a window centred on each pixel)",
+                             lambda v: _is_int(v) and v >= 1 and v % 2 == 1),
+    "apro.backend": choice("auto", "torch", "cpu", "triton"),
 }
 
 
@@ -139,13 +147,26 @@ def _check_device(cfg: DictConfig) -> None:
 
 
 def _check_refiner_params(cfg: DictConfig) -> None:
-    """Every key under refine.<family> must be an argument of that family's refiner (refiners.registry)."""
-    from .refiners.registry import FAMILIES, check_parameters
+    """Every key under refine.<family> must be an argument of that family's refiner (refiners.registry),
+    and every value one it runs with: each family's refiner is built from its parameters (its
+    constructor's checks), and REFINER_VALUES adds what only a refined image would show, so a bad
+    value stops the run before the first image."""
+    from .refiners.registry import FAMILIES, check_parameters, refiner_class
 
     for family in FAMILIES:
         node = OmegaConf.select(cfg, f"refine.{family}", default=None)
-        if isinstance(node, DictConfig):
-            check_parameters(family, node)
+        if not isinstance(node, DictConfig):
+            continue
+        check_parameters(family, node)
+        params = OmegaConf.to_container(node, resolve=True)
+        for name, value in params.items():
+            rule = REFINER_VALUES.get(f"{family}.{name}")
+            if rule is not None and not rule.test(value):
+                raise ValueError(f"refine.{family}.{name}={_show(value)} is not valid: it takes {rule.accepts}")
+        try:
+            refiner_class(FAMILIES[family])(**params)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"refine.{family}: {error}") from None
 
 
 def _check_methods(cfg: DictConfig) -> None:

@@ -9,7 +9,9 @@
 - Formats: text and JSON (write_text, write_json), safetensors (save_safetensors: no pickle),
   label maps as palette PNGs (save_label_png), RGB images in the format of the extension
   (save_rgb).
-- output_path places a file under an output folder and refuses names that would leave it.
+- output_path places a file under an output folder and refuses names that would leave it;
+  check_output_dir refuses an output folder that cannot be one (a file, under a file, read-only,
+  a symbolic link inside it); lock_output_dir keeps two runs out of one output folder.
 
 Readers live elsewhere: data/io.py (images, labels), student/checkpoint.py (checkpoints).
 """
@@ -17,6 +19,7 @@ Readers live elsewhere: data/io.py (images, labels), student/checkpoint.py (chec
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -178,12 +181,25 @@ def write_json(path: PathLike, payload: Any, indent: Optional[int] = 2) -> None:
 
 
 def save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    """Tensors (moved to the CPU, made contiguous) as a safetensors file, written atomically."""
+    """Tensors (moved to the CPU, made contiguous) as a safetensors file, written atomically.
+
+    The same tensors and metadata give the same bytes: safetensors writes the metadata in a hash
+    map's order, which changes from run to run, so the header is rewritten with sorted keys.
+    """
     from safetensors.torch import save
 
     payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_write(path) as f:
-        f.write(payload)
+        f.write(_sorted_header(payload))
+
+
+def _sorted_header(payload: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted, padded with spaces to 8 bytes as the
+    format requires (tensor offsets are relative to the data, so the data is unchanged)."""
+    size = int.from_bytes(payload[:8], "little")
+    header = json.dumps(json.loads(payload[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + payload[8 + size :]
 
 
 def _as_label_array(labels: np.ndarray, name: str = "labels") -> np.ndarray:
@@ -242,3 +258,58 @@ def save_rgb(path: PathLike, image: np.ndarray) -> None:
     with atomic_write(path) as f:
         Image.fromarray(image).save(f, format=fmt)
 
+
+
+def check_output_dir(path: PathLike, links: bool = True) -> Path:
+    """`path` as an output folder, or ValueError saying why it cannot be one: it or a folder above
+    it is a file, the nearest existing folder cannot be written (a read-only file system, no
+    permission), or (links=True) it holds a symbolic link (files are written only inside the
+    folder, never through a link such as a linked labels/)."""
+    path = Path(os.path.abspath(path))
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
+        raise ValueError(f"output_dir {str(path)!r} {what}; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {str(path)!r} cannot be written: {str(existing)!r} is on a read-only file "
+                         "system or not writable by this user")
+    if links and existing == path:
+        linked = sorted(entry.name for entry in os.scandir(path) if entry.is_symlink())
+        if linked:
+            raise ValueError(f"output_dir {str(path)!r} holds symbolic link(s) {linked}; files are written only "
+                             "inside output_dir, never through a link: remove the link or choose another output_dir")
+    return path
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_output_dir(path: PathLike) -> Iterator[Path]:
+    """Hold `path` for one run: a second run on the same folder gets a ValueError naming the
+    holder, so two runs never interleave their labels and records. The lock (flock on
+    <path>/.lock) ends with the block or the process; the file stays."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not kept apart
+        yield path
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(f"output_dir {str(path)!r} is in use by another run ({holder}); wait for it to end "
+                             "or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)

@@ -323,3 +323,39 @@ def test_a_labelme_voc_export_reads_as_it_is(tmp_path):
     assert len(build_dataset("folder", root=root, label_dir="masks")) == 2
     with pytest.raises(FileNotFoundError, match="label folder not found: .*nowhere"):
         build_dataset("folder", root=root, label_dir="nowhere")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_class(tmp_path):
+    from maskclip_apro.data import load_vocab
+    from maskclip_apro.data.class_file import read_class_file
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes("background\ncat\n".encode("utf-8-sig"))
+    assert load_vocab(vocab) == ["background", "cat"]
+    assert read_class_file(vocab) == ["background", "cat"]
+    root = tmp_path / "f"
+    write_pair(root / "images" / "a.png", root / "labels" / "a.png", np.zeros((2, 2), np.uint8))
+    (root / "classes.txt").write_bytes("background\ncat\n".encode("utf-8-sig"))
+    assert build_dataset("folder", root=root).has_background
+
+
+def test_a_vocabulary_that_is_a_directory_says_so(tmp_path):
+    from maskclip_apro.data import load_vocab
+
+    with pytest.raises(ValueError, match=f"vocabulary file '{tmp_path}' is a directory, not a text file"):
+        load_vocab(tmp_path)
+
+
+def test_entries_that_are_not_read_are_listed_with_why(tmp_path):
+    root = tmp_path / "images"
+    write_pair(root / "a.png", None, np.zeros((2, 2), np.uint8))
+    Image.new("P", (2, 2)).save(root / "anim.gif")
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    (root / "sub").mkdir()
+    ds = build_dataset("images", root=root)
+    assert [s.name for s in ds] == ["a"]
+    why = {Path(path).name: reason for path, reason in ds.skipped}
+    assert set(why) == {"anim.gif", "gone.png", "loop.png"}
+    assert why["anim.gif"].startswith("not an image type") and why["gone.png"].startswith("a broken symbolic link")
+    assert why["loop.png"].startswith("a symbolic link loop")

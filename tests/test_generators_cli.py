@@ -76,9 +76,9 @@ def test_evaluate_and_refine_under_a_harness_protocol(tmp_path, cache):
     summary = refine.run(compose("refine", ["protocol=proxyclip", "model.dense=proxyclip", "refine=apro", *common,
                                             f"output_dir={tmp_path / 'refine'}", "panel=true"]))
     assert summary["refined"] == 2 and 0.0 <= summary["metrics"]["mIoU"] <= 1.0
-    assert set(summary["seconds_per_image"]) == {"generator", "apro", "postprocess"}
+    assert set(summary["seconds_per_image"]) == {"read", "generator", "apro", "postprocess", "write"}
     assert len(list((tmp_path / "refine" / "labels").glob("*.png"))) == 2
-    assert len(list((tmp_path / "refine" / "panels").glob("*.png"))) == 2  # ProxyCLIP, +PAMR, +APro columns
+    assert len(list((tmp_path / "refine" / "panels").glob("*.png"))) == 2  # ProxyCLIP, +PAMR, labels: apro
 
 
 HARNESS = {"maskclip": "sclip", "vanilla": "sclip", "sclip": "sclip", "clearclip": "clearclip", "naclip": "naclip",

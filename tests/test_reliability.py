@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def test_compare_keys_records_by_methods_and_inputs_and_recomputes_an_unreadable
     assert run(methods)["reused"] == 2
     assert run({**methods, "+KS": ["ks"]})["not_reused"] == {"config": 2}
     assert run({**methods, "+KS": ["ks"]}, "refine.pd.thresh=0.2")["not_reused"] == {"config": 2}
-    save_label_png(labelled / "labels" / "a.png", np.zeros((40, 56), np.uint8))
+    save_label_png(labelled / "labels" / "a.png", np.full((40, 56), 2, np.uint8))
     _touch_later(labelled / "labels" / "a.png")
     record = tmp_path / "out" / "per_image" / "b.npz"
     record.write_bytes(b"not a zip file at all")
@@ -146,6 +147,7 @@ def test_compare_keys_records_by_methods_and_inputs_and_recomputes_an_unreadable
     assert again["not_reused"] == {"label file": 1, "unreadable record": 1}
     assert f"{record} is unreadable" in capsys.readouterr().err
     assert run({**methods, "+KS": ["ks"]}, "refine.pd.thresh=0.2")["reused"] == 2
+    assert "compare:" in capsys.readouterr().err and "evaluate:" not in capsys.readouterr().err
 
 
 def _voc_with_split(root: Path, ids: list[str]) -> Path:
@@ -336,3 +338,222 @@ def test_an_image_without_read_permission_is_skipped(tmp_path, labelled):
     (labelled / "images" / "a.png").chmod(0)
     summary = refine.run(compose("refine", _args(tmp_path, f"input={labelled / 'images'}")))
     assert [f["name"] for f in summary["failed"]] == ["a"] and "Permission denied" in summary["failed"][0]["error"]
+
+
+# Round three (issue 19): content keys, checked records, refusals before the first image, files.
+
+
+def _bmp_folder(root: Path) -> Path:
+    """root/images/{a,b}.bmp and uncompressed label PNGs (fixed-size files: a rewrite keeps the size)."""
+    for i, name in enumerate("ab"):
+        for folder in ("images", "labels"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(
+            root / "images" / f"{name}.bmp")
+        Image.fromarray(np.full((40, 56), i, np.uint8)).save(root / "labels" / f"{name}.png", compress_level=0)
+    (root / "classes.txt").write_text("background\ncat\ngrass\n")
+    return root
+
+
+def _replace_keeping_size_and_mtime(path: Path, content: bytes) -> None:
+    """What cp --preserve=timestamps or rsync -t do: other bytes, same size, the old mtime."""
+    st = path.stat()
+    assert len(content) == st.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_inputs_are_keyed_by_content_and_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
+    from maskclip_apro.data import base
+
+    root = _bmp_folder(tmp_path / "data")
+    data = ["dataset=folder", f"dataset.root={root}"]
+    assert refine.run(compose("refine", _args(tmp_path, *data)))["not_reused"] == {"new": 2}
+    _replace_keeping_size_and_mtime(root / "images" / "a.bmp", (root / "images" / "b.bmp").read_bytes())
+    assert refine.run(compose("refine", _args(tmp_path, *data)))["not_reused"] == {"image file": 1}
+    first = evaluate.run(compose("evaluate", _args(tmp_path, *data, f"output_dir={tmp_path / 'ev'}")))
+    _replace_keeping_size_and_mtime(root / "labels" / "a.png", (root / "labels" / "b.png").read_bytes())
+    fixed = evaluate.run(compose("evaluate", _args(tmp_path, *data, f"output_dir={tmp_path / 'ev'}")))
+    assert fixed["not_reused"] == {"label file": 1}
+    assert fixed["methods"]["refine"]["aAcc"] != first["methods"]["refine"]["aAcc"]
+    assert refine.run(compose("refine", _args(tmp_path, *data)))["not_reused"] == {"label file": 1}
+    hashed = []
+    real = base._hash_file
+    monkeypatch.setattr(base, "_hash_file", lambda path: hashed.append(Path(path).name) or real(path))
+    base._DIGESTS.clear()  # as in a new process: only the records remember the files
+    assert refine.run(compose("refine", _args(tmp_path, *data)))["reused"] == 2
+    assert hashed == []
+
+
+def test_records_are_checked_before_use_and_a_bad_one_is_named_and_recomputed(tmp_path, labelled, capsys):
+    from maskclip_apro.data.base import file_digest
+    from maskclip_apro.pipeline.score import check_record, record_digest
+
+    data = ["dataset=folder", f"dataset.root={labelled}"]
+    first = evaluate.run(compose("evaluate", _args(tmp_path, *data)))
+    per_image = tmp_path / "out" / "per_image"
+    for name, edit in (("a", lambda cm: cm * 1000), ("b", lambda cm: np.ones((2, 2), np.int64))):
+        with np.load(per_image / f"{name}.npz") as saved:
+            record = dict(saved)
+        record["cm0"] = edit(record["cm0"])
+        np.savez_compressed(per_image / f"{name}.npz", **record)
+    capsys.readouterr()
+    again = evaluate.run(compose("evaluate", _args(tmp_path, *data)))
+    err = capsys.readouterr().err
+    assert again["not_reused"] == {"bad record": 2} and f"{per_image / 'a.npz'}: " in err and f"{per_image / 'b.npz'}: " in err
+    assert again["methods"]["refine"]["mIoU"] == first["methods"]["refine"]["mIoU"]
+    with np.load(per_image / "a.npz") as saved:
+        record = dict(saved)
+    names, scored = ["refine"], 40 * 56
+    assert check_record(record, names, 3, scored) is None
+    record["cm0"] = record["cm0"] - record["cm0"].max() - 1  # negative counts, digest made to match
+    record["digest"] = np.array(record_digest(record))
+    assert "negative" in check_record(record, names, 3, scored)
+    record["cm0"] = np.zeros((3, 3), np.int64)
+    record["digest"] = np.array(record_digest(record))
+    assert "the label scores 2240" in check_record(record, names, 3, scored)
+
+    out = tmp_path / "ref"
+    assert refine.run(compose("refine", _args(tmp_path, *data, f"output_dir={out}")))["refined"] == 2
+    label_a = out / "labels" / "a.png"
+    save_label_png(tmp_path / "other.png", 2 - np.asarray(Image.open(label_a)))
+    if (tmp_path / "other.png").stat().st_size == label_a.stat().st_size:
+        _replace_keeping_size_and_mtime(label_a, (tmp_path / "other.png").read_bytes())
+    else:
+        label_a.write_bytes((tmp_path / "other.png").read_bytes())
+    label_b = out / "labels" / "b.png"
+    save_label_png(label_b, np.zeros((20, 20), np.uint8))  # wrong size, and a record forged to vouch for it
+    record_b = json.loads((out / "records" / "b.json").read_text())
+    record_b["outputs"]["label"] = list(file_digest(label_b))
+    (out / "records" / "b.json").write_text(json.dumps(record_b))
+    capsys.readouterr()
+    redone = refine.run(compose("refine", _args(tmp_path, *data, f"output_dir={out}")))
+    assert redone["not_reused"] == {"outputs changed": 1, "bad record": 1} and redone["failed"] == []
+    assert f"{label_b}: has size (20, 20)" in capsys.readouterr().err
+    assert np.asarray(Image.open(label_b)).shape == (40, 56)
+
+
+def test_more_classes_than_a_label_map_holds_is_refused_before_any_image(tmp_path, labelled):
+    vocab = tmp_path / "big.txt"
+    vocab.write_text("\n".join(f"class{i}" for i in range(300)))
+    with pytest.raises(ValueError, match="the vocabulary has 300 classes; label maps hold at most 255"):
+        refine.run(compose("refine", _args(tmp_path, f"input={labelled / 'images'}", f"vocab={vocab}")))
+    assert not (tmp_path / "out" / "overlays").exists()
+
+
+def _main_error(module, argv, monkeypatch, capsys) -> str:
+    """The command's entry point on `argv` in this process: its one error line (status 1, no traceback)."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert isinstance(exited.value.code, str) and exited.value.code.startswith("error: "), exited.value.code
+    assert "Traceback" not in capsys.readouterr().err
+    return exited.value.code
+
+
+def test_an_output_dir_that_cannot_be_one_is_one_error_line_before_hydra_starts(tmp_path, monkeypatch, capsys):
+    from maskclip_apro import writing
+    from maskclip_apro.config import _output_dir_argument
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = _main_error(refine, _args(tmp_path, f"output_dir={afile}"), monkeypatch, capsys)
+    assert line == f"error: output_dir {str(afile)!r} is a file; choose a folder"
+    line = _main_error(refine, _args(tmp_path, f"output_dir={afile / 'sub'}"), monkeypatch, capsys)
+    assert line == f"error: output_dir {str(afile / 'sub')!r} lies under {str(afile)!r}, which is a file; choose a folder"
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real = os.access
+    monkeypatch.setattr(writing.os, "access", lambda p, mode: False if Path(p) == readonly else real(p, mode))
+    line = _main_error(evaluate, _args(tmp_path, f"output_dir={readonly / 'out'}"), monkeypatch, capsys)
+    assert line.startswith(f"error: output_dir {str(readonly / 'out')!r} cannot be written: {str(readonly)!r} is on "
+                           "a read-only file system")
+    assert not (readonly / "out").exists()
+    # A default with interpolations (train's outputs/train/${dataset.name}/${now:...}) is checked up to them.
+    assert _output_dir_argument("train", []) == ("outputs/train", False)
+    assert _output_dir_argument("refine", ["++output_dir='x/y'"]) == ("x/y", True)
+
+
+def test_bad_weights_files_are_one_line_without_torchs_unsafe_advice(tmp_path):
+    from maskclip_apro.config import build_generator_from_config
+    from maskclip_apro.student.deeplabv2 import DeepLabV2
+
+    import argparse
+
+    torch.save({"weights": argparse.Namespace(a=1)}, tmp_path / "pickle.pt")
+    (tmp_path / "corrupt.pt").write_bytes(os.urandom(256))
+    for name in ("pickle.pt", "corrupt.pt"):
+        path = tmp_path / name
+        with pytest.raises(ValueError, match=f"cannot read weights file '{path}': not a tensors-only checkpoint") as e:
+            DeepLabV2(3, backbone="resnet18", pretrained=str(path))
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+        cfg = compose("refine", ["model=tiny_vit", "model.dense=proxyclip", "model.vfm.name=tiny_dino",
+                                 f"model.vfm.pretrained={path}"])
+        with pytest.raises(ValueError, match=f"cannot read model.vfm.pretrained file '{path}'") as e:
+            build_generator_from_config(cfg, ["a", "b"])
+        assert "weights_only" not in str(e.value)
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("refine", "refine.apro.kernel_size=4", "refine.apro.kernel_size=4 is not valid: it takes an odd integer"),
+    ("evaluate", "refine.apro.backend=gpu", "refine.apro.backend='gpu' is not valid"),
+    ("refine", "refine.pd.thresh=-1", "refine.pd: "),
+    ("train", "batch_size=0", "batch_size=0 is not valid: batch_size takes an integer >= 1"),
+    ("train", "eval.interval=-1", "eval.interval=-1 is not valid: eval.interval takes an integer >= 0"),
+])
+def test_refiner_and_train_values_are_checked_before_the_first_image(command, override, message):
+    from maskclip_apro.schema import check_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(compose(command, [override]), command)
+
+
+def test_files_sharing_a_name_are_both_named_and_left_out_under_skip(tmp_path, labelled):
+    _write_image(labelled / "images" / "b.jpg", 5)
+    data = ["dataset=folder", f"dataset.root={labelled}"]
+    summary = refine.run(compose("refine", _args(tmp_path, *data)))
+    assert summary["refined"] == 1 and summary["images"] == 1
+    named = sorted(Path(s["path"]).name for s in summary["skipped_inputs"])
+    assert named == ["b.jpg", "b.png"] and "share the name 'b'" in summary["skipped_inputs"][0]["why"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["skipped_inputs"] == summary["skipped_inputs"]
+    with pytest.raises(ValueError, match=r"2 files share the name 'b' \(.*b.jpg, .*b.png\)"):
+        refine.run(compose("refine", _args(tmp_path, *data, "on_error=stop")))
+
+
+def test_output_dir_links_are_refused_and_a_second_run_is_kept_out(tmp_path, labelled):
+    import fcntl
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "labels").symlink_to(elsewhere, target_is_directory=True)
+    data = ["dataset=folder", f"dataset.root={labelled}"]
+    with pytest.raises(ValueError, match=r"holds symbolic link\(s\) \['labels'\]; files are written only inside"):
+        refine.run(compose("refine", _args(tmp_path, *data)))
+    assert list(elsewhere.iterdir()) == []
+    (out / "labels").unlink()
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1 on elsewhere")
+        held.flush()
+        with pytest.raises(ValueError, match=f"output_dir '{out}' is in use by another run \\(pid 1 on elsewhere\\)"):
+            refine.run(compose("refine", _args(tmp_path, *data)))
+    assert not (out / "labels").exists()
+    assert refine.run(compose("refine", _args(tmp_path, *data, "limit=1")))["refined"] == 1  # released
+
+
+def test_the_panel_shows_the_refiner_that_wrote_the_labels_and_stages_include_read_and_write(tmp_path, labelled,
+                                                                                            monkeypatch):
+    from maskclip_apro.pipeline import refine as pipeline_refine
+
+    shown = []
+    real = pipeline_refine.make_panel
+    monkeypatch.setattr(pipeline_refine, "make_panel", lambda columns, **kw: shown.append(columns) or real(columns, **kw))
+    summary = refine.run(compose("refine", _args(tmp_path, "dataset=folder", f"dataset.root={labelled}", "limit=1",
+                                                 "refine=pamr", "refine.pamr.iters=2", "panel=true", "refine.apro.iters=1",
+                                                 "refine.apro.backend=torch")))
+    title, labels = shown[0][-1]
+    assert title == "labels: pamr"
+    assert np.array_equal(labels, np.asarray(Image.open(tmp_path / "out" / "labels" / "a.png")))
+    stages = summary["seconds_per_image"]
+    assert list(stages)[0] == "read" and list(stages)[-1] == "write" and "generator" in stages

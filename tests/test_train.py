@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -243,6 +244,7 @@ def test_train_command_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "checkpoints/latest.json").is_file()
+    assert f"trained 2 steps: student weights -> {out / 'model.safetensors'}" in proc.stdout
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["2", "2"] and rows[1]["mIoU"] != ""
@@ -324,3 +326,59 @@ def test_recipe_smoke_run(tmp_path, recipe):
         assert any(r["mIoU"] for r in csv.DictReader(f))
     state = read_state_dict(str(tmp_path / "out/model.safetensors"))
     assert ("classifier.embeddings" in state) == (recipe == "maskclip_plus")
+
+
+def test_a_checkpoint_pointer_only_names_a_checkpoint_of_its_run(tmp_path):
+    from maskclip_apro.student.checkpoint import latest_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    other = tmp_path / "other" / "checkpoints" / "step_00000005"
+    other.mkdir(parents=True)
+    (other / "train_state.json").write_text("{}")
+    root.mkdir(parents=True)
+    (root / "step_00000005").symlink_to(other, target_is_directory=True)
+    for name in ("../../other/checkpoints/step_00000005", str(other), "step_00000005"):
+        (root / "latest.json").write_text(json.dumps({"step": 5, "dir": name}))
+        with pytest.raises(ValueError, match=f"names {re.escape(repr(name))}, not a checkpoint folder .*refusing"):
+            latest_checkpoint(root)
+
+
+def test_train_interruption_validation_notice_and_workers(tmp_path, monkeypatch, capsys):
+    from maskclip_apro.config import hydra_app
+    from maskclip_apro.student import trainer as trainer_module
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for folder in ("images", "labels"):
+        (root / folder).mkdir(parents=True)
+    for name in "ab":
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 3, (40, 48), dtype=np.uint8)).save(root / "labels" / f"{name}.png")
+    (root / "classes.txt").write_text("background\ncat\ngrass\n")
+    cfg = compose("train", [
+        "dataset=folder", f"dataset.root={root}", "student=tiny", "model=tiny_vit", "crop=32", "batch_size=2",
+        "iters=4", "workers=0", "eval.interval=5", "eval.limit=1", "log_interval=1", "checkpoint.interval=2",
+        "device=cpu", "refine=none", f"output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, generator=StubGenerator(3))
+    assert "notice: dataset 'folder' gives the same 2 images for train_split='train' and val_split='val'" in (
+        capsys.readouterr().out)
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step",
+                        lambda self, micro: (_ for _ in ()).throw(KeyboardInterrupt) if self.step == 3 else real(self, micro))
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        trainer.run()
+    message = str(interrupt.value)
+    assert message == (f"the last checkpoint is step 2 in {tmp_path / 'run' / 'checkpoints'}; the 1 step(s) since it "
+                       f"are lost (checkpoint.interval=2); continue with output_dir={tmp_path / 'run'} resume=true")
+
+    def stopped(cfg):
+        raise KeyboardInterrupt(message)
+
+    monkeypatch.setattr(sys, "argv", ["train", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exited:
+        hydra_app("train", stopped)()
+    assert exited.value.code == 130 and f"train interrupted (Ctrl-C); {message}" in capsys.readouterr().err
+
+    assert compose("train").workers is None
+    monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert trainer_module.default_workers(None) == 2 and trainer_module.default_workers(3) == 3

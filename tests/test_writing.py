@@ -106,3 +106,17 @@ def test_safetensors_round_trip_and_float16_like_numpy(tmp_path):
 def test_write_json_numbers_from_numpy(tmp_path):
     write_json(tmp_path / "r.json", {"miou": np.float32(0.5), "n": 3})
     assert json.loads((tmp_path / "r.json").read_text()) == {"miou": 0.5, "n": 3}
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    from safetensors import safe_open
+
+    metadata = {f"key{i}": str(i) for i in range(12)}
+    tensors = {"b": torch.arange(6.0), "a": torch.ones(2, 3, dtype=torch.int64)}
+    files = []
+    for n in range(6):
+        save_safetensors(tmp_path / f"{n}.safetensors", tensors, metadata=metadata)
+        files.append((tmp_path / f"{n}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata and torch.equal(f.get_tensor("b"), tensors["b"])

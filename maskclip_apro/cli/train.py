@@ -15,14 +15,13 @@ from omegaconf import DictConfig
 from ..config import hydra_app
 from ..distributed import process_group
 from ..student.trainer import Trainer
-from .common import check, tidy
+from .common import check, run_folder
 
 
 def run(cfg: DictConfig) -> list[float]:
     """Train per cfg (conf/train.yaml); returns this call's per-step losses."""
     check(cfg, "train")
-    with process_group(str(cfg.device)) as info:
-        tidy(cfg.output_dir, info)
+    with process_group(str(cfg.device)) as info, run_folder(cfg.output_dir, info):
         return Trainer(cfg, info=info).run()
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -25,19 +28,52 @@ class Sample:
 
 @dataclass(frozen=True)
 class Source:
-    """What one sample is made from, cheap to compute without decoding it: its name and a
-    fingerprint of its image and label (file size and modification time, or the generation
-    parameters of an in-memory sample). Saved results are reused only while these match."""
+    """What one sample is made from, cheap to compute without decoding it: its name, and for its
+    image and label either the file's identity (file_identity; `files` then names the file, whose
+    content digest goes into result keys) or the generation parameters of an in-memory sample.
+    Saved results are reused only while these match (pipeline.reuse)."""
 
     name: str
     image: str
     label: str | None
+    files: Mapping[str, Path] = field(default_factory=dict)  # "image" / "label" -> the file
 
 
-def file_fingerprint(path: Path) -> str:
-    """Size and modification time (ns) of a file: changes whenever the file is rewritten."""
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+def file_identity(path: Path) -> str:
+    """Device, inode, size, modification and status-change times (ns) of a file.
+
+    Any rewrite changes it, even one that restores the size and the modification time
+    (`cp --preserve=timestamps`, `rsync -t`): the status-change time cannot be set back.
+    """
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+_DIGESTS: dict[tuple[str, str], str] = {}  # (path, file_identity) -> file_digest, this process's
+
+
+def file_digest(path: Path, known: tuple[str, str] | None = None) -> tuple[str, str]:
+    """(file_identity, digest of the bytes): the digest (BLAKE2b, 128 bits) is what result keys hold
+    for input files.
+
+    The file is read only when its identity is new to this process and differs from `known`, an
+    (identity, digest) pair an earlier run recorded for it.
+    """
+    identity = file_identity(path)
+    if known is not None and len(known) == 2 and known[0] == identity:
+        return identity, str(known[1])
+    cached = _DIGESTS.get((str(path), identity))
+    if cached is None:
+        cached = _DIGESTS[(str(path), identity)] = _hash_file(path)
+    return identity, cached
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"blake2b:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +105,16 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def check_class_count(class_names: Sequence[str], source: str) -> None:
+    """Label maps are 8-bit PNGs whose value 255 marks ignored pixels, so a run takes at most 255
+    classes (indices 0-254); more is refused before anything runs."""
+    if len(class_names) > IGNORE_INDEX:
+        raise ValueError(
+            f"{source} has {len(class_names)} classes; label maps hold at most {IGNORE_INDEX} (indices 0-"
+            f"{IGNORE_INDEX - 1}; {IGNORE_INDEX} marks ignored pixels): split the vocabulary or merge classes"
+        )
+
+
 def check_items(items: list[Item]) -> None:
     """Fail early, naming the first missing file and how many are missing."""
     missing = [p for it in items for p in (it.image_path, it.label_path) if p is not None and not p.is_file()]
@@ -91,7 +137,7 @@ def check_sample_id(sample_id: str, where: str) -> str:
 def read_split_file(path: Path) -> list[str]:
     """Sample ids, one per line, blank lines skipped; each must be a plain file name."""
     require(path, "split file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     ids = [check_sample_id(line.strip(), f"split file {str(path)!r} line {n}") for n, line in enumerate(lines, 1)
            if line.strip()]
     if not ids:
@@ -119,6 +165,9 @@ class SegDataset(LabelledBy):
     """Items on disk plus a vocabulary; __getitem__ reads and maps one sample.
 
     label_lut (256,) uint8 maps raw label values to class indices (e.g. reduce_zero_label).
+    Files that are not used are listed in `skipped` as (path, why): files that share a name
+    (both are left out: `dup.jpg` and `dup.png` would write one `labels/dup.png`) and, for
+    folder readers, entries that are not images (list_images).
     """
 
     def __init__(
@@ -127,14 +176,20 @@ class SegDataset(LabelledBy):
         class_names: list[str],
         label_lut: np.ndarray | None = None,
         limit: int | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
     ) -> None:
         check_limit(limit)
-        if not items:
-            raise ValueError(f"{type(self).__name__} has no samples")
+        self.skipped: list[tuple[str, str]] = list(skipped)
         counts = Counter(it.name for it in items)
-        if len(counts) != len(items):
-            dup = sorted(n for n, c in counts.items() if c > 1)[:5]
-            raise ValueError(f"{type(self).__name__}: several files share the name(s) {dup}")
+        for name in sorted(n for n, c in counts.items() if c > 1):
+            same = [str(it.image_path) for it in items if it.name == name]
+            for path in same:
+                self.skipped.append((path, f"{len(same)} files share the name {name!r} ({', '.join(same)}); "
+                                           "both are left out: rename one"))
+        items = [it for it in items if counts[it.name] == 1]
+        if not items:
+            raise ValueError(f"{type(self).__name__} has no samples"
+                             + (f"; {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""))
         self.items = items[:limit] if limit is not None else items
         check_items(self.items)
         self.class_names = list(class_names)
@@ -149,10 +204,14 @@ class SegDataset(LabelledBy):
         return self.items[index]
 
     def source(self, index: int) -> Source:
-        """Name and file fingerprints of sample `index` (no decoding)."""
+        """Name and file identities of sample `index` (no reading)."""
         item = self._item(index)
-        label = None if item.label_path is None else file_fingerprint(item.label_path)
-        return Source(item.name, file_fingerprint(item.image_path), label)
+        files = {"image": item.image_path}
+        label = None
+        if item.label_path is not None:
+            files["label"] = item.label_path
+            label = file_identity(item.label_path)
+        return Source(item.name, file_identity(item.image_path), label, files)
 
     def __getitem__(self, index: int) -> Sample:
         item = self._item(index)
@@ -165,11 +224,21 @@ class SegDataset(LabelledBy):
                     f"label {str(item.label_path)!r} has size {label.shape} but image "
                     f"{str(item.image_path)!r} has size {image.shape[:2]}"
                 )
-            raw = label
-            if self._lut is not None:
-                label = self._lut[self._as_uint8(label, item.label_path)]
-            self._check_classes(raw, label, item.label_path)
+            label = self._classes_of(label, item.label_path)
         return Sample(item.name, image, label)
+
+    def label(self, index: int) -> np.ndarray | None:
+        """The label map of sample `index` (class indices, 255 = ignore) read without its image;
+        None when the sample has none."""
+        item = self._item(index)
+        if item.label_path is None:
+            return None
+        return self._classes_of(load_label(item.label_path), item.label_path)
+
+    def _classes_of(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        label = raw if self._lut is None else self._lut[self._as_uint8(raw, path)]
+        self._check_classes(raw, label, path)
+        return label
 
     def _check_classes(self, raw: np.ndarray, label: np.ndarray, path: Path) -> None:
         """Every label value must be a class index or the ignore index; name the file otherwise."""

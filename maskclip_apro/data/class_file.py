@@ -60,7 +60,7 @@ def read_class_file(name_or_path: str | os.PathLike) -> list[str]:
     key = os.fspath(name_or_path)
     if key in CLASS_FILES:
         with resources.as_file(resources.files("maskclip_apro") / "vocab" / f"{key}.txt") as path:
-            return parse_class_lines(path.read_text(encoding="utf-8"), repr(key))
+            return parse_class_lines(path.read_text(encoding="utf-8-sig"), repr(key))
     if not Path(key).is_file():
         raise FileNotFoundError(f"class file {key!r} is neither one of {list(CLASS_FILES)} nor an existing file")
     return parse_class_lines(read_text_file(key, "class file"), repr(key))

@@ -3,6 +3,7 @@ labelme's), or images alone."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +25,29 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in folder (by suffix, case-insensitive, hidden files skipped), sorted by name."""
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+def list_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files directly in folder (by suffix, case-insensitive, hidden files skipped), sorted by
+    name, and the other entries that were left out with why: files of other types (.gif, .txt),
+    broken symbolic links and symbolic link loops (sub-folders and hidden files are not listed)."""
+    files, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if is_hidden(p):
+            continue
+        try:
+            p.stat()
+        except OSError as error:
+            why = "a symbolic link loop" if error.errno == errno.ELOOP else "a broken symbolic link"
+            skipped.append((str(p), f"{why}; not read"))
+            continue
+        if p.is_dir():
+            continue
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(p)
+        else:
+            skipped.append((str(p), f"not an image type read here ({', '.join(IMAGE_SUFFIXES)})"))
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
-    return files
+    return files, skipped
 
 
 def _find_folder(root: Path, given: str | None, candidates: Sequence[str], what: str, key: str,
@@ -91,7 +107,7 @@ class FolderDataset(SegDataset):
         images = _find_folder(root, image_dir, IMAGE_DIRS, "image folder", "image_dir")
         labels = _find_folder(root, label_dir, LABEL_DIRS, "label folder", "label_dir", holding=".png")
         class_names = folder_classes(root, classes)
-        paths = list_images(images)
+        paths, skipped = list_images(images)
         if split is not None and (root / SPLIT_DIR).is_dir():
             by_stem = {p.stem: p for p in paths}
             split_file = root / SPLIT_DIR / f"{split}.txt"
@@ -104,7 +120,7 @@ class FolderDataset(SegDataset):
                 )
             paths = [by_stem[i] for i in ids]
         items = [Item(p.stem, p, labels / f"{p.stem}.png") for p in paths]
-        super().__init__(items, class_names, None, limit)
+        super().__init__(items, class_names, None, limit, skipped)
 
 
 class ImagesDataset(SegDataset):
@@ -118,8 +134,8 @@ class ImagesDataset(SegDataset):
     ):
         if isinstance(root, (str, os.PathLike)):
             root = require(Path(root), "image folder or file")
-            paths = list_images(root) if root.is_dir() else [root]
+            paths, skipped = list_images(root) if root.is_dir() else ([root], [])
         else:
-            paths = [require(Path(p), "image file") for p in root]
+            paths, skipped = [require(Path(p), "image file") for p in root], []
         items = [Item(p.stem, p, None) for p in paths]
-        super().__init__(items, load_vocab(classes), None, limit)
+        super().__init__(items, load_vocab(classes), None, limit, skipped)

@@ -1,4 +1,5 @@
-"""Image and label file readers with clear errors and a pixel limit.
+"""Image and label file readers with clear errors and a pixel limit (and the error a weights file
+that cannot be loaded turns into).
 
 Every reader names the file in its error: FileNotFoundError for a missing path,
 ValueError for a file that exists but is not a usable image or label map. Writing is
@@ -169,3 +170,54 @@ def load_label(path: PathLike) -> np.ndarray:
         f"label file {str(path)!r} has image mode {im.mode!r}; expected a palette (P) or grayscale (L) "
         "PNG whose pixel values are class indices"
     )
+
+
+def weights_error(path: PathLike, what: str, error: BaseException) -> ValueError:
+    """The one-line error for a weights file that torch, safetensors or timm could not load.
+
+    A pickle holding more than tensors, and a corrupt file, both fail torch's tensors-only
+    loader; its advice to re-run with weights_only=False (which runs the file's code) is not
+    passed on.
+    """
+    import pickle
+
+    if isinstance(error, (pickle.UnpicklingError, EOFError)):
+        reason = ("not a tensors-only checkpoint: the file is corrupt or holds pickled Python objects, which are "
+                  "not loaded (they can run code); save a state dict of tensors (torch.save(model.state_dict())) "
+                  "or a .safetensors file")
+    else:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line]
+        reason = lines[0] if lines else type(error).__name__
+    return ValueError(f"cannot read {what} {str(path)!r}: {reason}")
+
+
+def read_weights(path: PathLike, what: str = "weights file", mmap: bool = False) -> dict:
+    """The tensors of a weights file: .safetensors, or a torch file loaded tensors-only
+    (weights_only=True; a checkpoint's "state_dict" or "model" entry when it has one).
+
+    mmap: map a torch zip file instead of reading it (a cheap check of a large file). ValueError
+    (weights_error) for a file that cannot be read or holds anything but tensors.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} not found")
+    try:
+        if p.suffix == ".safetensors":
+            return load_file(str(p))
+        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
+        raise weights_error(p, what, e) from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{what} {str(p)!r} does not hold a state dict of tensors")
+    return obj

@@ -42,12 +42,15 @@ def validate_vocab(names: list[str], source: str) -> list[str]:
 
 
 def read_text_file(path: str | os.PathLike, what: str) -> str:
-    """The UTF-8 text of a file; FileNotFoundError or ValueError naming `what` and the file."""
+    """The UTF-8 text of a file, less a byte order mark (Windows editors write one); FileNotFoundError
+    or ValueError naming `what` and the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({e})") from None
 

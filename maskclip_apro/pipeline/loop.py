@@ -60,7 +60,8 @@ class Prepared:
     """One item as a read-ahead worker hands it over.
 
     reason: why its result must be computed (None: the saved result is reused); key: what its
-    result is made under (pipeline.reuse); sample: the decoded image and label, when needed;
+    result is made under and inputs: the identities of its input files (pipeline.reuse);
+    sample: the decoded image and label, when needed; read_seconds: the time decoding them took;
     saved: what the runner read back for a reused item; error: why the item could not be read.
     """
 
@@ -68,6 +69,8 @@ class Prepared:
     name: str
     reason: str | None = None
     key: dict | None = None
+    inputs: dict | None = None
+    read_seconds: float = 0.0
     sample: Sample | None = None
     saved: Any = None
     error: Exception | None = None

@@ -1,8 +1,10 @@
 """Refine a dataset into files: label PNGs, overlays, optional probabilities and panels.
 
 Each finished image gets <out>/records/<name>.json: the key its outputs were made under
-(pipeline.reuse) and the size and time of each output file. A rerun skips an image only when
-its record matches the current run and its outputs are as recorded; otherwise it is recomputed.
+(pipeline.reuse), its input files' identities, and the identity and content digest of each
+output file (data.base.file_digest). A rerun skips an image only when its record matches the
+current run and its outputs hold the recorded bytes (a saved label must also have the ground
+truth's size); otherwise it is recomputed, and a record that vouches for a bad label is named.
 Under torchrun each rank refines and writes its own share of the images (pipeline.loop) and
 every rank returns the same summary, made from all of them.
 """
@@ -10,6 +12,7 @@ every rank returns the same summary, made from all of them.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,8 +21,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from ..data.base import file_fingerprint
+from ..data.base import file_digest
 from ..data.io import load_label
 from ..distributed import all_gather_object, barrier
 from ..evaluation.metric import ConfusionMatrix
@@ -39,7 +43,8 @@ class RefineOutputs:
     """What refine writes per image besides the label PNG and the overlay."""
 
     save_probs: bool = False  # float16 safetensors of the refined probabilities
-    panel: bool = False  # image | ground truth | one column per extra chain
+    panel: bool = False  # image | ground truth | one column per extra chain | the labels written
+    panel_title: str = "labels/"  # the title of the panel's last column (chains[MAIN]: what labels/ holds)
     overlay_alpha: float = 0.5
     overwrite: bool = False  # recompute images a previous run finished with the same key
 
@@ -63,32 +68,52 @@ class _Reader:
     def __call__(self, item: Prepared) -> None:
         source = self.dataset.source(item.index)
         item.name = source.name
-        item.key = self.keys.of(source)
         paths = self.paths(item.name)
         record = output_path(self.out, "records", f"{item.name}.json")
-        item.reason = "overwrite" if self.outputs.overwrite else _reuse_reason(record, item.key, paths)
+        saved = _read_record(record)
+        item.key, item.inputs = self.keys.of(source, saved.get("inputs") if isinstance(saved, dict) else None)
+        item.reason = "overwrite" if self.outputs.overwrite else _reuse_reason(saved, item.key, paths)
         if item.reason is not None or source.label is not None:
+            start = time.perf_counter()
             item.sample = self.dataset[item.index]
+            item.read_seconds = time.perf_counter() - start
         if item.reason is None and item.sample is not None:
-            item.saved = load_label(paths["label"])
+            try:
+                item.saved = load_label(paths["label"])
+                if item.saved.shape != item.sample.label.shape:
+                    raise ValueError(f"has size {item.saved.shape}, the image {item.sample.label.shape}")
+            except (ValueError, OSError) as error:
+                tqdm.write(f"{paths['label']}: {error}; its record vouches for it, recomputing it", file=sys.stderr)
+                item.reason, item.saved = "bad record", None
 
 
-def _reuse_reason(record: Path, key: dict, outputs: Mapping[str, Path]) -> str | None:
-    """None when the image's record matches `key` and its outputs are as recorded, else why not."""
-    if not record.is_file():
-        return "new"
+def _read_record(path: Path) -> dict | str | None:
+    """An image's record, None when there is none, "unreadable" when it cannot be read."""
+    if not path.is_file():
+        return None
     try:
-        saved = json.loads(record.read_text(encoding="utf-8"))
-        saved_key, files = saved["key"], saved["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unreadable"
+    if not isinstance(saved, dict) or not isinstance(saved.get("key"), dict) or not isinstance(saved.get("outputs"), dict):
+        return "unreadable"
+    return saved
+
+
+def _reuse_reason(saved: dict | str | None, key: dict, outputs: Mapping[str, Path]) -> str | None:
+    """None when the image's record matches `key` and its outputs hold the recorded bytes, else why not."""
+    if saved is None:
+        return "new"
+    if not isinstance(saved, dict):
         return "unreadable record"
-    if not isinstance(saved_key, dict) or not isinstance(files, dict):
-        return "unreadable record"
-    reason = stale_reason(saved_key, key)
+    reason = stale_reason(saved["key"], key)
     if reason is not None:
         return reason
     for kind, path in outputs.items():
-        if not path.is_file() or files.get(kind) != file_fingerprint(path):
+        entry = saved["outputs"].get(kind)
+        if not isinstance(entry, list) or len(entry) != 2 or not path.is_file():
+            return "outputs changed"
+        if file_digest(path, tuple(entry))[1] != entry[1]:
             return "outputs changed"
     return None
 
@@ -124,11 +149,13 @@ def refine_dataset(
         labels = item.saved
         if preds is not None:
             labels = preds[MAIN].labels
-            totals.add_times(preds[MAIN].times)
+            start = time.perf_counter()
             paths = reader.paths(item.name)
             _write(paths, item.sample, preds, palette, outputs)
             write_json(output_path(reader.out, "records", f"{item.name}.json"),
-                       {"key": item.key, "outputs": {kind: file_fingerprint(p) for kind, p in paths.items()}})
+                       {"key": item.key, "inputs": item.inputs,
+                        "outputs": {kind: list(file_digest(p)) for kind, p in paths.items()}})
+            totals.add_times({"read": item.read_seconds, **preds[MAIN].times, "write": time.perf_counter() - start})
         if item.sample is not None and item.sample.label is not None:
             totals.matrix.update(labels, item.sample.label)
             totals.labelled += 1
@@ -195,6 +222,7 @@ def _write(paths: Mapping[str, Path], sample: Any, preds: Mapping[str, Any], pal
         _save_probs(paths["probs"], preds[MAIN].probs)
     if "panel" in paths:
         columns = [("image", sample.image)] + [(t, p.labels) for t, p in preds.items() if t != MAIN]
+        columns.append((outputs.panel_title, labels))
         if sample.label is not None:
             columns.insert(1, ("ground truth", sample.label))
         save_rgb(paths["panel"], make_panel(columns, class_names=preds[MAIN].class_names, palette=palette))

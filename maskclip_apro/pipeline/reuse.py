@@ -3,9 +3,12 @@
 A saved per-image result carries the key it was made under: the package version, the
 identity of the CLIP weights, a digest of the config entries that decide results (model,
 generator with its test protocol, background, refiners, dataset settings and the command's own,
-such as the compared methods), the vocabulary, and fingerprints of the input image and label (size and
-modification time of the files, or the parameters of a generated sample). A rerun reuses a
-result only when every part matches, and counts the others by the first part that differs.
+such as the compared methods), the vocabulary, and a digest of the bytes of the input image and
+label files (or the parameters of a generated sample). A rerun reuses a result only when every
+part matches, and counts the others by the first part that differs. So that a rerun does not read
+every input again, a record also keeps each input file's identity (data.base.file_identity:
+inode, size, modification and status-change times) with its digest: a file whose identity is
+unchanged is not re-read.
 Where the data lives (dataset.root, input) and how much of it runs (limit) are not part of the
 key: the file fingerprints say whether the inputs are the same.
 """
@@ -18,7 +21,7 @@ from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from .. import __version__
-from ..data.base import Source
+from ..data.base import Source, file_digest
 
 RESULT_KEYS = ("model", "generator", "background", "refine", "dataset")
 NOT_RESULTS = {"generator": ("cache_dir",), "dataset": ("root", "limit", "classes")}
@@ -57,9 +60,17 @@ class ResultKey:
             "vocab": digest(list(class_names)),
         }
 
-    def of(self, source: Source) -> dict[str, str | None]:
-        """The key of one sample's result."""
-        return {**self.common, "image": source.image, "label": source.label}
+    def of(self, source: Source, known: Mapping[str, Any] | None = None) -> tuple[dict[str, str | None], dict]:
+        """The key of one sample's result, and what its record keeps so that a rerun need not read
+        unchanged input files again: each input file's [identity, digest]. known: that part of
+        an earlier record."""
+        key: dict[str, str | None] = {**self.common, "image": source.image, "label": source.label}
+        inputs = {}
+        for part, path in source.files.items():
+            saved = (known or {}).get(part) if isinstance(known, Mapping) else None
+            identity, key[part] = file_digest(path, tuple(saved) if isinstance(saved, (list, tuple)) else None)
+            inputs[part] = [identity, key[part]]
+        return key, inputs
 
 
 def stale_reason(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str | None:

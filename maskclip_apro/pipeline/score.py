@@ -1,15 +1,20 @@
 """Score refiner chains on a labelled dataset, one generator pass per image (evaluate, compare).
 
 Per-image confusion matrices and times go to <out>/per_image/<name>.npz as each image finishes
-(atomically), with the key they were made under (pipeline.reuse); a rerun reuses the records
-whose key matches and computes the rest, so an interrupted run continues where it stopped and a
-changed config, vocabulary, weights or input file is never served stale. Under torchrun each
+(atomically), with the key they were made under (pipeline.reuse), the identities of the input
+files and a digest of the record's own arrays; a rerun reuses the records whose key matches and
+computes the rest, so an interrupted run continues where it stopped and a changed config,
+vocabulary, weights or input file is never served stale. Before a record is used it is checked
+(check_record: its digest, shapes, dtypes, non-negative counts that sum to the label's scored
+pixels); a bad one is named and recomputed. Under torchrun each
 rank scores its share of the images (pipeline.loop) and the confusion matrices are summed over
 the ranks: integer counts, so the scores equal a single process's exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import sys
@@ -32,22 +37,67 @@ from .loop import Prepared, RunOptions, check_some_succeeded, run_items
 from .reuse import ResultKey, ReuseLog, read_key, stale_reason
 
 
-def _load(path: Path, key: Mapping) -> tuple[dict | None, str | None]:
-    """The saved record of one image and None, or None and why it cannot be reused."""
+def _read(path: Path) -> tuple[dict | None, str | None]:
+    """The saved record of one image and None, or None and why there is none to use."""
     if not path.exists():
         return None, "new"
     try:
         with np.load(path, allow_pickle=False) as data:
             record = {k: data[k] for k in data.files}
-        saved = read_key(str(record["key"]))
+        read_key(str(record["key"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         tqdm.write(f"{path} is unreadable ({error}); recomputing it", file=sys.stderr)
         return None, "unreadable record"
-    reason = stale_reason(saved, key)
-    return (record, None) if reason is None else (None, reason)
+    return record, None
+
+
+def record_digest(record: Mapping[str, np.ndarray]) -> str:
+    """A digest of a record's arrays (names, dtypes, shapes, bytes) but its own "digest" entry."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(k for k in record if k != "digest"):
+        array = np.ascontiguousarray(record[name])
+        h.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def check_record(record: Mapping[str, np.ndarray], names: Sequence[str], k: int, scored: int | None) -> str | None:
+    """None when a saved record can be used for methods `names` over k classes, else what is wrong.
+
+    scored: the label's pixels that are scored (not the ignore index); every matrix must sum to it.
+    """
+    if str(record.get("digest", "")) != record_digest(record):
+        return "its content does not match its digest (edited, or written by another version)"
+    try:
+        return _check_arrays(record, names, k, scored)
+    except (TypeError, ValueError) as error:  # arrays of the wrong kind (text where numbers belong)
+        return f"it holds malformed arrays ({error})"
+
+
+def _check_arrays(record: Mapping[str, np.ndarray], names: Sequence[str], k: int, scored: int | None) -> str | None:
+    if [str(m) for m in np.atleast_1d(record.get("methods", np.array([])))] != list(names):
+        return f"it holds methods {record.get('methods')}, expected {list(names)}"
+    for j in range(len(names)):
+        cm = record.get(f"cm{j}")
+        if cm is None or cm.shape != (k, k) or cm.dtype.kind not in "iu":
+            shape = None if cm is None else f"{cm.dtype} {cm.shape}"
+            return f"confusion matrix {j} is {shape}, expected integer ({k}, {k})"
+        if (cm < 0).any():
+            return f"confusion matrix {j} holds negative counts"
+        if scored is not None and int(cm.sum()) != scored:
+            return f"confusion matrix {j} counts {int(cm.sum())} pixels, the label scores {scored}"
+    for name in ("seconds", "postprocess_seconds"):
+        times = record.get(name)
+        if times is None or times.shape != (len(names),) or not np.all(np.isfinite(times)) or (times < 0).any():
+            return f"{name} is not {len(names)} finite non-negative numbers"
+    generator = record.get("generator_seconds")
+    if generator is None or generator.shape != () or not np.isfinite(generator) or generator < 0:
+        return "generator_seconds is not a finite non-negative number"
+    return None
 
 
 def _save(path: Path, record: dict) -> None:
+    record["digest"] = np.array(record_digest(record))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **record)
     with atomic_write(path) as f:
@@ -55,20 +105,39 @@ def _save(path: Path, record: dict) -> None:
 
 
 class _Reader:
-    """The read-ahead half (pipeline.loop): the image's saved record, or its pixels and label."""
+    """The read-ahead half (pipeline.loop): the image's checked saved record, or its pixels and label."""
 
-    def __init__(self, dataset: Any, out: Path, keys: ResultKey) -> None:
-        self.dataset, self.out, self.keys = dataset, out, keys
+    def __init__(self, dataset: Any, out: Path, keys: ResultKey, names: Sequence[str], k: int) -> None:
+        self.dataset, self.out, self.keys, self.names, self.k = dataset, out, keys, list(names), k
 
     def __call__(self, item: Prepared) -> None:
         source = self.dataset.source(item.index)
         item.name = source.name
-        item.key = self.keys.of(source)
-        item.saved, item.reason = _load(output_path(self.out, "per_image", f"{item.name}.npz"), item.key)
-        if item.saved is None:
-            item.sample = self.dataset[item.index]
-            if item.sample.label is None:
-                raise ValueError(f"image {item.name!r} has no ground-truth label; evaluation needs a labelled dataset")
+        path = output_path(self.out, "per_image", f"{item.name}.npz")
+        record, item.reason = _read(path)
+        known = None
+        if record is not None and "inputs" in record:
+            with contextlib.suppress(ValueError):
+                known = read_key(str(record["inputs"]))
+        item.key, item.inputs = self.keys.of(source, known)
+        if record is not None:
+            item.reason = stale_reason(read_key(str(record["key"])), item.key)
+        if item.reason is None:
+            problem = check_record(record, self.names, self.k, self._scored(item.index))
+            if problem is None:
+                item.saved = record
+                return
+            tqdm.write(f"{path}: {problem}; recomputing it", file=sys.stderr)
+            item.reason = "bad record"
+        item.sample = self.dataset[item.index]
+        if item.sample.label is None:
+            raise ValueError(f"image {item.name!r} has no ground-truth label; evaluation needs a labelled dataset")
+
+    def _scored(self, index: int) -> int | None:
+        """How many pixels of the sample's label are scored (not the ignore index)."""
+        read = getattr(self.dataset, "label", None)
+        label = read(index) if callable(read) else self.dataset[index].label
+        return None if label is None else int((np.asarray(label) != self.dataset.ignore_index).sum())
 
 
 class _Totals:
@@ -114,6 +183,7 @@ def score_methods(
     protocol: str,
     panels: int = 0,
     options: RunOptions = RunOptions(),
+    desc: str = "evaluate",
 ) -> dict[str, Any]:
     """mIoU and seconds per image of every chain over `dataset`; resumable (module doc).
 
@@ -123,7 +193,7 @@ def score_methods(
     images. An image that cannot be read or segmented (missing, corrupt, too large or too small,
     bad label values) stops the run (on_error=stop) or is skipped and listed under "failed"
     (on_error=skip); metrics are then over the images that ran. The first batch a rank computes
-    runs twice and is timed the second time (the first compiles kernels).
+    runs twice and is timed the second time (the first compiles kernels). desc: the progress bar's name.
     """
     out = Path(out)
     names = list(chains)
@@ -161,6 +231,7 @@ def score_methods(
         if result is not None:
             record, panel = result
             record["key"] = np.array(json.dumps(item.key))
+            record["inputs"] = np.array(json.dumps(item.inputs))
             if panel is not None:
                 save_rgb(output_path(out, "panels", f"{item.name}.png"), panel)
             _save(output_path(out, "per_image", f"{item.name}.npz"), record)
@@ -169,7 +240,7 @@ def score_methods(
 
     barrier(options.info)
     start = time.perf_counter()
-    failures = run_items(len(dataset), _Reader(dataset, out, keys), predict, finish, options, desc="evaluate")
+    failures = run_items(len(dataset), _Reader(dataset, out, keys, names, k), predict, finish, options, desc=desc)
     merged = _Totals.merge(all_gather_object(totals, options.info))
     wall = time.perf_counter() - start
     check_some_succeeded(failures.items, len(dataset))

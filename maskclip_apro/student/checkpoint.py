@@ -17,15 +17,16 @@ remove_stale_temporaries).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
+from ..data.io import read_weights
 from ..writing import atomic_directory, save_safetensors, write_json
 
 MODEL_FILE = "model.safetensors"
@@ -35,22 +36,8 @@ LATEST = "latest.json"
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a torch file loaded with weights_only=True."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            return load_file(str(p))
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read weights file {p}: {e}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {p} does not hold a state dict of tensors")
-    return obj
+    """Tensors of a .safetensors file, or of a torch file loaded with weights_only=True (data.io.read_weights)."""
+    return read_weights(path, "weights file")
 
 
 def model_metadata(model: nn.Module) -> Dict[str, str]:
@@ -185,8 +172,15 @@ def save_checkpoint(
     return final
 
 
+CHECKPOINT_NAME = re.compile(r"step_[0-9]{8,}")
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The folder latest.json points at, or None when there is no checkpoint."""
+    """The folder latest.json points at, or None when there is no checkpoint.
+
+    The pointer may only name a checkpoint folder of `root` itself (step_<N>, not a link): one
+    that leads elsewhere (`../other_run`, an absolute path, a symbolic link) is refused.
+    """
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
@@ -194,6 +188,9 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
         name = json.loads(pointer.read_text())["dir"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"checkpoint pointer {pointer} is corrupt") from None
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name) or (Path(root) / name).is_symlink():
+        raise ValueError(f"checkpoint pointer {pointer} names {name!r}, not a checkpoint folder (step_<N>) of "
+                         f"{Path(root)}; refusing to follow it")
     folder = Path(root) / name
     if not (folder / STATE_JSON).is_file():
         raise FileNotFoundError(f"checkpoint {folder} named by {pointer} is missing or incomplete")

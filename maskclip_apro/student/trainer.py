@@ -16,6 +16,7 @@ import copy
 import csv
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from ..constants import IGNORE_INDEX, IMAGENET_MEAN
 from ..data import build_dataset
+from ..data.base import check_class_count
 from ..distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shard
 from ..evaluation import ConfusionMatrix
 from ..writing import write_text
@@ -76,6 +78,17 @@ def resolve_recipe(cfg: DictConfig) -> DictConfig:
     if cfg.iters < 1:
         raise ValueError(f"iters must be >= 1, got {cfg.iters}")
     return cfg
+
+
+def default_workers(workers: Any) -> int:
+    """DataLoader workers: the given count, or for null min(4, the CPU cores this process may use)."""
+    if workers is not None:
+        return int(workers)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return min(4, cores)
 
 
 def poly_lambda(iters: int, power: float, lr: float, min_lr: float = 0.0) -> Callable[[int], float]:
@@ -174,6 +187,7 @@ class Trainer:
             raise ValueError(f"resume must be false, true or latest, got {cfg.resume!r}")
         spec = OmegaConf.to_container(cfg.dataset, resolve=True)
         self.train_set = build_dataset(**{**spec, "split": cfg.train_split})
+        check_class_count(self.train_set.class_names, f"dataset {cfg.dataset.name!r}")
         self.num_classes = int(self.train_set.num_classes)
         self.val_set = None
         if int(cfg.eval.interval) > 0:
@@ -182,6 +196,7 @@ class Trainer:
                 raise ValueError(
                     f"val split {cfg.val_split!r} of dataset {cfg.dataset.name!r} has no labels; set eval.interval=0"
                 )
+            self._notice_same_images()
         self.ignore_gt_void = self._resolve_ignore_gt_void()
         self.offline = bool(cfg.target.get("offline_dir"))
         head = str(cfg.student.get("head", "aspp"))
@@ -210,6 +225,7 @@ class Trainer:
         self.use_amp = bool(cfg.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.step = 0
+        self.saved_step = 0  # the step of the newest checkpoint (0: none)
         self.out = Path(broadcast_object(str(self._output_dir()), self.info))
         resumed = self._maybe_resume() if cfg.resume else None
         self.ddp = None
@@ -220,6 +236,14 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.csv = CsvLog(self.out / "metrics.csv", resumed)
+
+    def _notice_same_images(self) -> None:
+        """Say so when validation runs on the training images (a folder dataset without split files)."""
+        names = [self.train_set.source(i).name for i in range(len(self.train_set))]
+        if self.info.is_main and names == [self.val_set.source(i).name for i in range(len(self.val_set))]:
+            print(f"notice: dataset {self.cfg.dataset.name!r} gives the same {len(names)} images for train_split="
+                  f"{self.cfg.train_split!r} and val_split={self.cfg.val_split!r} (no split files): the val mIoU is "
+                  "measured on the training images")
 
     def _resolve_ignore_gt_void(self) -> bool:
         """target.ignore_gt_void: auto = on for a dataset without a background class whose training
@@ -267,7 +291,7 @@ class Trainer:
         changed = config_differences(meta.get("extra", {}).get("config", {}), resume_config(self.cfg))
         if changed and self.info.is_main:
             print(f"resume: config keys {changed} differ from checkpoint {folder}; the run will not repeat exactly")
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
         if self.info.is_main:
             print(f"resume: continuing from {folder} at step {self.step}")
         return self.step
@@ -289,7 +313,7 @@ class Trainer:
             ignore_gt_void=self.ignore_gt_void,
         )
         sampler = StepBatches(self.step, stop, self.global_batch, self.info.rank, self.info.world_size, self.accum)
-        workers = int(c.workers)
+        workers = default_workers(c.get("workers"))
         return DataLoader(crops, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
 
@@ -370,14 +394,31 @@ class Trainer:
                 keep=int(self.cfg.checkpoint.keep), extra={"config": resume_config(self.cfg)},
             )
         barrier(self.info)
+        self.saved_step = self.step
+
+    def interrupted(self) -> KeyboardInterrupt:
+        """The Ctrl-C of a training run, saying what is kept and how to go on."""
+        interval = int(self.cfg.checkpoint.interval)
+        lost = f"the {self.step - self.saved_step} step(s) since it are lost (checkpoint.interval={interval})"
+        if self.saved_step == 0:
+            return KeyboardInterrupt(f"no checkpoint was written yet: the {self.step} step(s) run are lost "
+                                     f"(checkpoint.interval={interval})")
+        return KeyboardInterrupt(f"the last checkpoint is step {self.saved_step} in {self.out / 'checkpoints'}; "
+                                 f"{lost}; continue with output_dir={self.out} resume=true")
 
     def run(self, until: Optional[int] = None) -> List[float]:
         """Train to cfg.iters (or stop after step `until`, checkpointing there); returns this call's losses."""
-        c = self.cfg
         stop = self.iters if until is None else min(int(until), self.iters)
-        losses: List[float] = []
         if stop <= self.step:
-            return losses
+            return []
+        try:
+            return self._run(stop)
+        except KeyboardInterrupt:
+            raise self.interrupted() from None
+
+    def _run(self, stop: int) -> List[float]:
+        c = self.cfg
+        losses: List[float] = []
         batches = iter(self._loader(stop))
         bar = tqdm(total=self.iters, initial=self.step, desc="train", unit="it", disable=not self.info.is_main, dynamic_ncols=True)
         log_every, eval_every, ckpt_every = int(c.log_interval), int(c.eval.interval), int(c.checkpoint.interval)
@@ -406,5 +447,6 @@ class Trainer:
         bar.close()
         if self.step == self.iters and self.info.is_main:
             save_model(self.model, self.out / "model.safetensors")
+            print(f"trained {self.iters} steps: student weights -> {self.out / 'model.safetensors'}")
         barrier(self.info)
         return losses
