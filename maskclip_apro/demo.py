@@ -253,7 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except ImportError:
             raise ValueError('the demo needs Gradio: pip install -e ".[demo]"') from None
         demo = DemoModel(model, overrides)
-        demo.config("maskclip", "maskclip", "apro")  # a bad override fails here, before the server starts
+        try:  # a bad override fails here, before the server starts
+            demo.config("maskclip", "maskclip", "apro")
+        except Exception as error:  # Hydra's composition errors
+            raise ValueError(f"{' '.join(overrides)}: {first_line(error)}") from None
         app = build_app(demo)
         print(f"maskclip-demo: model={model}; open http://{server['host']}:{server['port']} (Ctrl-C stops it)")
         app.launch(server_name=server["host"], server_port=server["port"], allowed_paths=[str(demo.out_dir)])

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ..config import protocol_name, refine_params
 from ..distributed import broadcast_object, process_group
+from ..pipeline.report import run_report
 from ..pipeline.score import score_methods
 from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
@@ -41,5 +42,6 @@ def score(
         if info.is_main:
             report(results, out)
             write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
+            run_report(segmenter, chains, dataset, out, results)
             print(f"per-image records: {ReuseLog.describe(results)}")
     return results
