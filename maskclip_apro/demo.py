@@ -204,8 +204,9 @@ def build_app(demo: DemoModel):
                     "upload one, type classes (one per line, synonyms separated by commas), then Segment.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="numpy", label="image", sources=["upload", "clipboard"])
-                gr.Examples([[str(p)] for p in sample_paths()], inputs=[image], label="bundled photos")
+                photos = [str(p) for p in sample_paths()]
+                image = gr.Image(photos[1], type="numpy", label="image", sources=["upload", "clipboard"])
+                gr.Examples([[p] for p in photos], inputs=[image], label="bundled photos")
                 classes = gr.Textbox(DEFAULT_CLASSES, lines=5, label="classes (one per line; synonyms with commas)")
                 dense = gr.Dropdown(list(DENSE_MODES), value="maskclip", label="dense mode (model.dense)")
                 protocol = gr.Dropdown(protocols, value="maskclip", label="protocol")
@@ -219,8 +220,9 @@ def build_app(demo: DemoModel):
                 times = gr.Markdown("")
                 label_file = gr.File(label="label PNG (palette)")
                 probs_file = gr.File(label="probabilities (safetensors, float16)")
-        button.click(segment, [image, classes, dense, protocol, preset, zeta_g, zeta_s],
-                     [panel, legend, times, label_file, probs_file], api_name="segment")
+        inputs, outputs = [image, classes, dense, protocol, preset, zeta_g, zeta_s], [panel, legend, times, label_file, probs_file]
+        button.click(segment, inputs, outputs, api_name="segment")
+        app.load(segment, inputs, outputs, api_visibility="private")  # the page opens on a result
     return app
 
 

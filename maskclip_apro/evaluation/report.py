@@ -89,11 +89,6 @@ def report_html(results: Mapping[str, Any], highlights: Mapping[str, Sequence[Ma
     "scores": {method: per-image mIoU}}]; caption: what the highlighted sections compare."""
     classes = list(results["classes"])
     body = ["<h2>Methods</h2>", methods_table_html(results)]
-    body.append("<h2>Per-class IoU (%)</h2>")
-    for i, (name, scores) in enumerate(results["methods"].items()):
-        open_ = " open" if i < 2 else ""
-        body.append(f"<details{open_}><summary>{html.escape(name)}: mIoU {100 * scores['mIoU']:.2f}</summary>"
-                    f"{iou_bars_svg(scores['IoU'], classes)}</details>")
     if highlights:
         body.append(f"<h2>Where it gained and lost most</h2><p>{html.escape(caption)}</p>")
     for title, items in highlights.items():
@@ -104,6 +99,11 @@ def report_html(results: Mapping[str, Any], highlights: Mapping[str, Sequence[Ma
             scores = ", ".join(f"{html.escape(m)} {100 * v:.1f}" for m, v in item["scores"].items())
             body.append(f'<figure><img src="{html.escape(item["panel"])}" alt="{html.escape(item["name"])}">'
                         f"<figcaption>{html.escape(item['name'])}: image mIoU {scores}</figcaption></figure>")
+    body.append("<h2>Per-class IoU (%)</h2>")
+    for i, (name, scores) in enumerate(results["methods"].items()):
+        open_ = " open" if i < 2 else ""
+        body.append(f"<details{open_}><summary>{html.escape(name)}: mIoU {100 * scores['mIoU']:.2f}</summary>"
+                    f"{iou_bars_svg(scores['IoU'], classes)}</details>")
     failed = results.get("failed") or []
     if failed:
         body.append(f"<h2>Skipped images</h2><p>{len(failed)} image(s) could not be read or segmented; "
