@@ -199,7 +199,7 @@ def build_app(demo: DemoModel):
         return (result["panel"], legend_html(result["legend"]), times_markdown(result["times"]),
                 result["label_path"], result["probs_path"])
 
-    with gr.Blocks(title="maskclip_apro demo") as app:
+    with gr.Blocks(title="maskclip_apro demo", analytics_enabled=False) as app:  # offline: no telemetry
         gr.Markdown(f"# maskclip_apro: CLIP labels refined by APro\nModel: `{demo.model}`. Pick a photo or "
                     "upload one, type classes (one per line, synonyms separated by commas), then Segment.")
         with gr.Row():

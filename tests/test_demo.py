@@ -35,7 +35,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     cache = tmp_path_factory.mktemp("text_cache")
     overrides = [f"generator.cache_dir={cache}", *SMALL]
     demo = DemoModel("tiny_vit", overrides)

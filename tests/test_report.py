@@ -16,7 +16,7 @@ from PIL import Image
 from chromium_page import Browser, chromium_path, not_blank
 from maskclip_apro.cli import compare, evaluate, refine
 from maskclip_apro.config import compose
-from maskclip_apro.evaluation.report import BAR_WIDTH, iou_bars_svg
+from maskclip_apro.evaluation.report import BAR_WIDTH, index_html, iou_bars_svg
 
 SMALL = ["generator.short_side=64", "generator.window=64", "generator.stride=32", "refine.apro.iters=3"]
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
@@ -83,7 +83,7 @@ def test_compare_report_has_the_table_bars_and_the_images_that_gained_and_lost_m
 
 def test_evaluate_report_shows_the_best_and_worst_images(tmp_path):
     results = evaluate.run(compose("evaluate", _overrides(tmp_path, "model=tiny_vit", "dataset=synthetic", "limit=3",
-                                                           "refine=lp")))
+                                                           "refine=none")))
     (name,) = results["methods"]
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert f"best images of {name}" in page and f"worst images of {name}" in page
@@ -100,13 +100,19 @@ def test_refine_writes_an_index_of_its_overlays(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(folder / f"{name}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     summary = refine.run(compose("refine", _overrides(tmp_path, "model=tiny_vit", f"input={folder}", "vocab=voc21",
-                                                     "panel=true")))
+                                                     "refine=none")))
     assert [f["name"] for f in summary["failed"]] == ["broken"]
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert _pictures(page) == ["overlays/a%20b.png", "overlays/c.png"]
-    assert 'href="labels/a%20b.png"' in page and 'href="panels/c.png"' in page
+    assert 'href="labels/a%20b.png"' in page and "panels/" not in page
     assert "aeroplane" in page or "airplane" in page  # the legend names the vocabulary
     assert not _files_outside(tmp_path)
+
+
+def test_index_links_panels_when_written():
+    entries = [{"name": "a", "overlay": "overlays/a.png", "label": "labels/a.png", "panel": "panels/a.png"}]
+    page = index_html({"images": 1, "refined": 1, "classes": ["cat"]}, entries, np.zeros((256, 3), np.uint8))
+    assert 'href="panels/a.png"' in page and _pictures(page) == ["overlays/a.png"]
 
 
 def test_iou_bars_leave_out_absent_classes_and_scale_with_iou():
