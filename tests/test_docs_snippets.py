@@ -76,3 +76,18 @@ def test_code_block_runs(language, code, reason, tmp_path, monkeypatch):
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
+    """.ci/run runs the README's install command (its && steps, in order) and then its test command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = readme[readme.index("## Install"):readme.index("## Test")]
+    test = readme[readme.index("## Test"):readme.index("## Quick start")]
+    (_, _, install_code, _), = [b for b in code_blocks(install) if b[1] == "bash"]
+    (_, _, test_code, _), = [b for b in code_blocks(test) if b[1] == "bash"]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    steps = [step.strip() for step in install_code.strip().split("&&")]
+    positions = [ci.index(step) for step in steps]
+    assert positions == sorted(positions)
+    assert ci[-1] == test_code.strip()
