@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
 
 def chromium_path() -> str | None:
@@ -21,6 +22,7 @@ def chromium_path() -> str | None:
 
 class Browser:
     def __init__(self, width: int = 1280, height: int = 1000) -> None:
+        self.width = width
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         commands_read, self._write = os.pipe()
         self._read, replies_write = os.pipe()
@@ -35,6 +37,10 @@ class Browser:
         self._buffer, self._id = b"", 0
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.resize(width, height)
+
+    def resize(self, width: int, height: int) -> None:
+        """The viewport's size in CSS pixels (what a screenshot captures)."""
         self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
                   deviceScaleFactor=1, mobile=False)
 
@@ -114,3 +120,12 @@ def not_blank(png: bytes) -> bool:
 
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     return len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16 and float(pixels.std()) > 10.0
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every browser test of the run (import this fixture into a test module)."""
+    if chromium_path() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    with Browser(1280, 1000) as shared:
+        yield shared

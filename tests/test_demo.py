@@ -18,7 +18,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from chromium_page import Browser, chromium_path, not_blank  # noqa: E402
+from chromium_page import browser, chromium_path, not_blank  # noqa: E402, F401  (browser: a fixture)
 from maskclip_apro import Segmenter  # noqa: E402
 from maskclip_apro.demo import DemoModel, build_app, parse_args  # noqa: E402
 from maskclip_apro.samples import sample_paths  # noqa: E402
@@ -97,12 +97,12 @@ def test_arguments_are_key_value():
 
 
 @pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
-def test_demo_in_a_real_browser(served):
+def test_demo_in_a_real_browser(served, browser):
     _, url, _ = served
-    with Browser(1280, 1000) as browser:
-        text = browser.open(url, wait_for="Seconds per stage", timeout=120)  # the page opens on a result
-        time.sleep(1.0)  # let the output fade-in finish before the screenshot
-        png = browser.screenshot()
+    browser.resize(1280, 1000)
+    text = browser.open(url, wait_for="Seconds per stage", timeout=120)  # the page opens on a result
+    time.sleep(1.0)  # let the output fade-in finish before the screenshot
+    png = browser.screenshot()
     assert "Legend:" in text and all(name in text for name in ("background", "cat", "grass"))
     assert "Segment" in text and "label PNG" in text
     assert not_blank(png)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chromium_page import Browser, chromium_path, not_blank
+from chromium_page import browser, chromium_path, not_blank  # noqa: F401  (browser: a fixture)
 from maskclip_apro.cli import compare, evaluate, refine
 from maskclip_apro.config import compose
 from maskclip_apro.evaluation.report import BAR_WIDTH, index_html, iou_bars_svg
@@ -123,11 +123,11 @@ def test_iou_bars_leave_out_absent_classes_and_scale_with_iou():
 
 
 @pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
-def test_report_in_a_real_browser(compared):
+def test_report_in_a_real_browser(compared, browser):
     tmp_path, results = compared
-    with Browser(1280, 1300) as browser:
-        text = browser.open((tmp_path / "out" / "report.html").as_uri(), wait_for="Per-class IoU")
-        png = browser.screenshot()
+    browser.resize(1280, 1300)
+    text = browser.open((tmp_path / "out" / "report.html").as_uri(), wait_for="Per-class IoU")
+    png = browser.screenshot()
     assert "mIoU (%)" in text and all(m in text for m in results["methods"])
     assert "gained most" in text
     assert not_blank(png)
