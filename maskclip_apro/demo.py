@@ -20,9 +20,11 @@ empty or duplicate class, a preset the protocol cannot run) is a message in the 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import html
+import shutil
 import sys
 import tempfile
 import threading
@@ -36,6 +38,7 @@ import numpy as np
 
 DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "vanilla")
 KEPT_GENERATORS = 4  # built generators (protocol, dense mode, vocabulary) kept in memory
+KEPT_REQUESTS = 32  # requests whose download files stay in the demo's temporary folder
 DEFAULT_CLASSES = "background\ncat, kitten\nperson\ngrass, lawn\nsky"
 SERVER = {"host": "127.0.0.1", "port": 7860}
 
@@ -63,8 +66,10 @@ class DemoModel:
         self._weights: dict[tuple, tuple[Any, str]] = {}
         self._generators: "OrderedDict[tuple, Any]" = OrderedDict()
         self._lock = threading.Lock()
-        self.out_dir = Path(tempfile.mkdtemp(prefix="maskclip-demo-"))
+        self.out_dir = Path(tempfile.mkdtemp(prefix="maskclip-demo-"))  # downloads; removed at exit
+        atexit.register(shutil.rmtree, self.out_dir, True)
         self.weight_loads = 0  # how many times weights were read (once per process)
+        self._requests = 0
 
     def config(self, protocol: str, dense: str, preset: str, zeta_g: Optional[float] = None,
                zeta_s: Optional[float] = None):
@@ -123,6 +128,17 @@ class DemoModel:
             self._generators.move_to_end(key)
         return Segmenter(generator, chain)
 
+    def _request_folder(self) -> Path:
+        """A new folder for one request's downloads; folders of all but the last KEPT_REQUESTS are removed
+        (Gradio has copied their files into its own cache by then)."""
+        with self._lock:
+            self._requests += 1
+            folder = self.out_dir / f"{self._requests:08d}"
+            folder.mkdir()
+            for old in sorted(self.out_dir.iterdir())[:-KEPT_REQUESTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
     def run(self, image: np.ndarray, classes_text: str, dense: str, protocol: str, preset: str,
             zeta_g: float, zeta_s: float) -> dict[str, Any]:
         """Unary and refined predictions of one image: panel, legend, times and the two files."""
@@ -144,7 +160,7 @@ class DemoModel:
         title = preset if seg.refiner.refiners else f"{preset} (no refiner)"
         panel = make_panel([("image", image), (f"unary ({seg.generator.name})", unary.labels),
                             (f"refined ({title})", refined.labels)], class_names=seg.class_names, palette=palette)
-        folder = Path(tempfile.mkdtemp(dir=self.out_dir))
+        folder = self._request_folder()
         label_path, probs_path = folder / "labels.png", folder / "probabilities.safetensors"
         save_label_png(label_path, refined.labels, palette)
         save_safetensors(probs_path, {"probs": refined.probs.float().half()},
