@@ -25,7 +25,7 @@ LAYERS = [
     {"segmenter"},
     {"", "evaluation"},  # "" is the root package (maskclip_apro/__init__.py: the public API)
     {"pipeline", "student"},
-    {"cli"},
+    {"cli", "demo"},
 ]
 # Where Hydra and OmegaConf may be imported: the edge that turns configs into plain values.
 CONFIG_EDGE = ("maskclip_apro.config", "maskclip_apro.schema", "maskclip_apro.cli", "maskclip_apro.student.trainer")

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ..config import protocol_name, refine_params
 from ..distributed import DistInfo, broadcast_object, process_group
+from ..pipeline.report import run_report
 from ..pipeline.score import score_methods
 from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
@@ -49,6 +50,7 @@ def _score(cfg: DictConfig, command: str, methods: Mapping[str, Sequence[str]], 
     if info.is_main:
         report(results, out)
         write_json(output_path(out, "results.json"), {**results, "config": resolved(cfg)})
+        run_report(segmenter, chains, dataset, out, results)
         print(f"per-image records: {ReuseLog.describe(results)}; ran on {results['device']}, "
               f"image tower {results['precision']}")
     return results

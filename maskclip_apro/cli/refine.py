@@ -18,6 +18,7 @@ from ..distributed import DistInfo, process_group
 from ..evaluation import format_table
 from ..pipeline.loop import check_some_succeeded
 from ..pipeline.refine import MAIN, RefineOutputs, refine_dataset
+from ..pipeline.report import refine_index
 from ..pipeline.reuse import ResultKey, ReuseLog
 from ..refiners import Chain
 from ..segmenter import Segmenter
@@ -56,6 +57,7 @@ def _refine(cfg: DictConfig, info: DistInfo, out: Path, dataset: Any, class_name
         if "metrics" in summary:
             print(format_table(summary["metrics"], class_names))
         write_json(output_path(out, "summary.json"), summary)
+        refine_index(dataset, out, summary)
         per_stage = ", ".join(f"{k} {v:.3f}s" for k, v in summary["seconds_per_image"].items())
         print(
             f"{summary['images']} images: {ReuseLog.describe(summary)}, {len(summary['failed'])} failed"

@@ -60,7 +60,7 @@ class APro:
 
     `mode`: "parallel" = mean(GP(P), LP(P)) (`targets` returns both, the training targets),
     "gp", "lp", or the cascades "lp_gp" = GP(LP(P)) and "gp_lp" = LP(GP(P)). The defaults are
-    `refine=apro`'s, calibrated on MaskCLIP-like unaries (README, "Calibrating APro's ζ").
+    `refine=apro`'s, calibrated on MaskCLIP-like unaries (docs/calibration.md).
 
     GP: psi(i, j) = exp(-maxedge(i, j) / zeta_g^2) on the MST of the normalised image, edge
     weights its squared L2 differences. `second_pass` propagates the pass-1 result again on the
