@@ -207,10 +207,15 @@ if triton is not None:
         tl.atomic_add(diff + base + h, -a * s_a, mask=mask)
 
 
+def _block(total: int) -> int:
+    """Elements per program: 1024 on a GPU; under the interpreter as few programs as possible."""
+    return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else 1024
+
+
 def _range_add_triton(prefix, l, m, h, a) -> torch.Tensor:
     bsz, k, n1 = prefix.shape
     diff = torch.zeros_like(prefix)
-    block = min(triton.next_power_of_2(n1 - 2), 1 << 16) if INTERPRETED else 1024
+    block = _block(n1 - 2)
     grid = (bsz * k, triton.cdiv(n1 - 2, block))
     _range_add_kernel[grid](prefix, l, m, h, a, diff, n1 - 2, n1, k, BLOCK=block)
     return diff
