@@ -81,14 +81,33 @@ def propagate_case(b, k, h, w, order, seed, block, zeta=0.4):
 
 PROPAGATE_CASES = [  # (B, K, H, W, order, seed, block)
     (3, 2, 13, 11, "forward", 0, None),
-    (3, 3, 7, 5, "reversed", 1, 4),
-    (1, 2, 7, 5, "random", 2, 2),
+    (2, 2, 7, 5, "reversed", 1, 4),
+    (1, 2, 5, 3, "random", 2, 2),
 ]
 
 
 @pytest.mark.parametrize("case", PROPAGATE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_propagate_matches_cpu(case):
     propagate_case(*case)
+
+
+def test_propagate_is_bitwise_reproducible_under_any_program_order():
+    """float64 outputs expose every rounding: for a given block size, every run and program order
+    gives one result (sums follow the tiles, never the schedule)."""
+    guide = guides(2, 5, 3, 7)
+    tree = gp_tree.build_tree_cpu(guide)
+    unary = torch.rand(2, 2, 15, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    args = (unary, tree.order, tree.lo, tree.hi, tree.children, tree.altitude, 0.3)
+    plain = [gp_propagate.propagate_triton(*args) for _ in range(2)]
+    assert torch.equal(plain[0], plain[1])
+    small = []
+    for order, seed in [("forward", 0), ("reversed", 0), ("random", 1), ("random", 2)]:
+        with harness(order, seed, 8):
+            small.append(gp_propagate.propagate_triton(*args))
+    for got in small[1:]:
+        assert torch.equal(got, small[0])
+    for got in (plain[0], small[0]):
+        torch.testing.assert_close(got, gp_propagate.propagate_cpu(*args), atol=1e-12, rtol=0)
 
 
 LP_CASES = [  # (B, K, H, W, kernel size, order, seed, block)
