@@ -221,126 +221,155 @@ def _block(total: int, device_block: int = 1024) -> int:
 if triton is not None:
 
     @triton.jit
-    def _leaf_values(unary, order, r, k, k_total, c0, n, p, mask):
-        """(pixel, float64 value) at leaf positions p of row r (image r // k, channel c0 + r % k)."""
-        b = r // k
-        pix = tl.load(order + b * n + p, mask=mask, other=0)
-        row = unary + (b * k_total + c0 + r - b * k) * n
-        return pix, tl.load(row + pix, mask=mask, other=0.0).to(tl.float64)
+    def _group(g, k, BLOCK_C: tl.constexpr):
+        """Image, channels (offsets within the chunk) and their validity of channel group g."""
+        per_image = tl.cdiv(k, BLOCK_C)
+        b = g // per_image
+        ch = (g - b * per_image) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return b, ch, ch < k
 
     @triton.jit
-    def _contrib_values(prefix, ci, cj, cc, r, k, n, length, q, mask):
-        """Values c * (P[i] - P[j]) of the sorted contributions q of row r."""
-        b = r // k
+    def _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask):
+        """(pixels (BLOCK,), float64 values (BLOCK_C, BLOCK)) at leaf positions p of image b, channels ch."""
+        pix = tl.load(order + b * n + p, mask=mask, other=0)
+        rows = unary + (b * k_total + c0 + ch[:, None]) * n
+        return pix, tl.load(rows + pix[None, :], mask=ch_ok[:, None] & mask[None, :], other=0.0).to(tl.float64)
+
+    @triton.jit
+    def _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C: tl.constexpr):
+        """Values c * (P[i] - P[j]) (BLOCK_C, BLOCK) of the sorted contributions q; P is channel-last per group."""
         i = tl.load(ci + b * length + q, mask=mask, other=0)
         j = tl.load(cj + b * length + q, mask=mask, other=0)
         c = tl.load(cc + b * length + q, mask=mask, other=0.0)
-        row = prefix + r * (n + 1)
-        return c * (tl.load(row + i, mask=mask, other=0.0) - tl.load(row + j, mask=mask, other=0.0))
+        ch = tl.arange(0, BLOCK_C)[:, None]
+        group = prefix + g * (n + 1) * BLOCK_C
+        p_i = tl.load(group + i[None, :] * BLOCK_C + ch, mask=mask[None, :], other=0.0)
+        p_j = tl.load(group + j[None, :] * BLOCK_C + ch, mask=mask[None, :], other=0.0)
+        return c[None, :] * (p_i - p_j)
 
     @triton.jit
-    def _tiles_before(sums, r, t, n_tiles, TILES: tl.constexpr):
-        """Sum of the tile sums of row r before tile t, always added in the same order."""
-        idx = tl.arange(0, TILES)
-        return tl.sum(tl.load(sums + r * n_tiles + idx, mask=idx < t, other=0.0), axis=0)
+    def _tiles_before(sums, g, t, n_tiles, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+        """Per channel, the sum of group g's tile sums before tile t, always added in the same order."""
+        idx = tl.arange(0, TILES)[None, :]
+        at = sums + (g * n_tiles + idx) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        return tl.sum(tl.load(at, mask=idx < t, other=0.0), axis=1)
 
     @triton.jit
-    def _leaf_sums_kernel(unary, order, sums, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr):
-        """Program (tile, row): the sum of the row's leaf values in the tile."""
+    def _store_sums(sums, g, t, n_tiles, values, BLOCK_C: tl.constexpr):
+        tl.store(sums + (g * n_tiles + t) * BLOCK_C + tl.arange(0, BLOCK_C), tl.sum(values, axis=1))
+
+    @triton.jit
+    def _leaf_sums_kernel(unary, order, sums, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): per channel, the sum of the leaf values in the tile."""
         t = tl.program_id(0)
-        r = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        b, ch, ch_ok = _group(g, k, BLOCK_C)
         p = t * BLOCK + tl.arange(0, BLOCK)
-        _, x = _leaf_values(unary, order, r, k, k_total, c0, n, p, p < n)
-        tl.store(sums + r * n_tiles + t, tl.sum(x, axis=0))
+        _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, p < n)
+        _store_sums(sums, g, t, n_tiles, x, BLOCK_C)
 
     @triton.jit
     def _prefix_kernel(unary, order, sums, prefix, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
-                       TILES: tl.constexpr):
-        """Program (tile, row): prefix sums P[p + 1] of the leaf values (P[0] = 0)."""
+                       BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+        """Program (tile, channel group): prefix sums P[p + 1] of the leaf values (P[0] = 0), channel-last."""
         t = tl.program_id(0)
-        r = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        b, ch, ch_ok = _group(g, k, BLOCK_C)
         p = t * BLOCK + tl.arange(0, BLOCK)
         mask = p < n
-        _, x = _leaf_values(unary, order, r, k, k_total, c0, n, p, mask)
-        row = prefix + r * (n + 1)
-        tl.store(row + p + 1, _tiles_before(sums, r, t, n_tiles, TILES) + tl.cumsum(x, axis=0), mask=mask)
-        tl.store(row + p, tl.zeros([BLOCK], tl.float64), mask=p == 0)
+        _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
+        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C, TILES)[:, None] + tl.cumsum(x, axis=1)
+        at = prefix + (g * (n + 1) + p[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        tl.store(at + BLOCK_C, running, mask=mask[None, :])
+        tl.store(at, tl.zeros([BLOCK_C, BLOCK], tl.float64), mask=(p == 0)[None, :])
 
     @triton.jit
-    def _contrib_sums_kernel(prefix, ci, cj, cc, sums, n, k, length, n_tiles, BLOCK: tl.constexpr):
-        """Program (tile, row): the sum of the row's contribution values in the tile."""
+    def _contrib_sums_kernel(prefix, ci, cj, cc, sums, n, k, length, n_tiles, BLOCK: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): per channel, the sum of the contribution values in the tile."""
         t = tl.program_id(0)
-        r = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        b, _, _ = _group(g, k, BLOCK_C)
         q = t * BLOCK + tl.arange(0, BLOCK)
-        v = _contrib_values(prefix, ci, cj, cc, r, k, n, length, q, q < length)
-        tl.store(sums + r * n_tiles + t, tl.sum(v, axis=0))
+        v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, q < length, BLOCK_C)
+        _store_sums(sums, g, t, n_tiles, v, BLOCK_C)
 
     @triton.jit
     def _contrib_scan_kernel(prefix, ci, cj, cc, dest, sums, acc, n, k, length, n_tiles, BLOCK: tl.constexpr,
-                             TILES: tl.constexpr):
-        """Program (tile, row): running sums of the row's contribution values; the one at each target
+                             BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+        """Program (tile, channel group): running sums of the contribution values; the one at each target
         group's last contribution goes to acc[target] (the difference array's prefix sum there)."""
         t = tl.program_id(0)
-        r = tl.program_id(1).to(tl.int64)
-        b = r // k
+        g = tl.program_id(1).to(tl.int64)
+        b, _, _ = _group(g, k, BLOCK_C)
         q = t * BLOCK + tl.arange(0, BLOCK)
         mask = q < length
-        v = _contrib_values(prefix, ci, cj, cc, r, k, n, length, q, mask)
+        v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C)
         at = tl.load(dest + b * length + q, mask=mask, other=-1)
-        running = _tiles_before(sums, r, t, n_tiles, TILES) + tl.cumsum(v, axis=0)
-        tl.store(acc + r * (n + 1) + at, running, mask=mask & (at >= 0))
+        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C, TILES)[:, None] + tl.cumsum(v, axis=1)
+        where = acc + (g * (n + 1) + at[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        tl.store(where, running, mask=(mask & (at >= 0))[None, :])
 
     @triton.jit
-    def _output_kernel(unary, order, acc, scale, out, n, k, k_total, c0, BLOCK: tl.constexpr):
-        """Program (tile, row): (phi + acc) * scale at every leaf position, written at the leaf's pixel."""
+    def _output_kernel(unary, order, acc, scale, out, n, k, k_total, c0, BLOCK: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): (phi + acc) * scale at every leaf position, written at its pixel."""
         t = tl.program_id(0)
-        r = tl.program_id(1).to(tl.int64)
-        b = r // k
+        g = tl.program_id(1).to(tl.int64)
+        b, ch, ch_ok = _group(g, k, BLOCK_C)
         p = t * BLOCK + tl.arange(0, BLOCK)
         mask = p < n
-        pix, x = _leaf_values(unary, order, r, k, k_total, c0, n, p, mask)
-        d = tl.load(acc + r * (n + 1) + p, mask=mask, other=0.0)
-        y = (x + d) * tl.load(scale + b * n + p, mask=mask, other=0.0)
-        tl.store(out + (b * k_total + c0 + r - b * k) * n + pix, y.to(out.dtype.element_ty), mask=mask)
+        pix, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
+        d = tl.load(acc + (g * (n + 1) + p[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None], mask=mask[None, :],
+                    other=0.0)
+        y = (x + d) * tl.load(scale + b * n + p, mask=mask, other=0.0)[None, :]
+        tl.store(out + (b * k_total + c0 + ch[:, None]) * n + pix[None, :], y.to(out.dtype.element_ty),
+                 mask=ch_ok[:, None] & mask[None, :])
 
 
 def _propagate_rows(unary, tables, scale, out, c0: int, k: int) -> None:
     """out[:, c0:c0+k] = (phi + sum of contributions) * scale for channels c0..c0+k of `unary` (B, K, N).
 
-    Five launches, each over (tile, image * channel): leaf tile sums, leaf prefix sums P,
-    contribution tile sums, contribution running sums (kept at each target), output. Every sum is a fixed tree of
-    additions (tl.sum / tl.cumsum within a tile, the tile sums before it in index order), so
-    the result does not depend on scheduling.
+    Five launches, each over (tile, image x channel group): leaf tile sums, leaf prefix sums P,
+    contribution tile sums, contribution running sums (kept at each target), output. A program
+    takes BLOCK_C channels, so it reads the tables once for all of them, and P and acc are
+    channel-last within a group, so each gather of P reads BLOCK_C adjacent values. Every sum
+    is a fixed tree of additions (tl.sum / tl.cumsum within a tile, the tile sums before it in
+    index order), so the result does not depend on scheduling.
     """
     order, ci, cj, cc, dest = tables
     bsz, k_total, n = unary.shape
     length = ci.shape[1]
-    rows = bsz * k
     dev = unary.device
+    block_c = _block(k, 4)
+    groups = bsz * triton.cdiv(k, block_c)
     block = _block(n)
     tiles = triton.cdiv(n, block)
-    sums = torch.empty(rows, tiles, dtype=torch.float64, device=dev)
-    prefix = torch.empty(rows, n + 1, dtype=torch.float64, device=dev)
-    grid = (tiles, rows)
-    _leaf_sums_kernel[grid](unary, order, sums, n, k, k_total, c0, tiles, BLOCK=block)
-    _prefix_kernel[grid](unary, order, sums, prefix, n, k, k_total, c0, tiles, BLOCK=block,
-                         TILES=triton.next_power_of_2(tiles))
-    cblock = _block(length, 4096)
+    sums = torch.empty(groups, tiles, block_c, dtype=torch.float64, device=dev)
+    prefix = torch.empty(groups, n + 1, block_c, dtype=torch.float64, device=dev)
+    grid = (tiles, groups)
+    meta = dict(BLOCK=block, BLOCK_C=block_c)
+    _leaf_sums_kernel[grid](unary, order, sums, n, k, k_total, c0, tiles, **meta)
+    _prefix_kernel[grid](unary, order, sums, prefix, n, k, k_total, c0, tiles, TILES=triton.next_power_of_2(tiles),
+                         **meta)
+    cblock = _block(length, 2048)
     ctiles = triton.cdiv(length, cblock)
-    csums = torch.empty(rows, ctiles, dtype=torch.float64, device=dev)
+    csums = torch.empty(groups, ctiles, block_c, dtype=torch.float64, device=dev)
     acc = torch.empty_like(prefix)
-    cgrid = (ctiles, rows)
-    _contrib_sums_kernel[cgrid](prefix, ci, cj, cc, csums, n, k, length, ctiles, BLOCK=cblock)
-    _contrib_scan_kernel[cgrid](prefix, ci, cj, cc, dest, csums, acc, n, k, length, ctiles, BLOCK=cblock,
-                                TILES=triton.next_power_of_2(ctiles))
-    _output_kernel[grid](unary, order, acc, scale, out, n, k, k_total, c0, BLOCK=block)
+    cgrid = (ctiles, groups)
+    cmeta = dict(BLOCK=cblock, BLOCK_C=block_c)
+    _contrib_sums_kernel[cgrid](prefix, ci, cj, cc, csums, n, k, length, ctiles, **cmeta)
+    _contrib_scan_kernel[cgrid](prefix, ci, cj, cc, dest, csums, acc, n, k, length, ctiles,
+                                TILES=triton.next_power_of_2(ctiles), **cmeta)
+    _output_kernel[grid](unary, order, acc, scale, out, n, k, k_total, c0, **meta)
 
 
 CHUNK_BYTES = 1 << 32  # float64 temporaries of one channel chunk (P and acc: 16 bytes per pixel and channel)
 
 
 def propagate_triton(unary, order, lo, hi, children, altitude, zeta: float) -> torch.Tensor:
-    """Triton: per-tree contribution tables once, then deterministic scans per channel; no atomics.
+    """Triton: per-tree contribution tables once, then deterministic scans per channel group; no atomics.
 
     The normaliser is the same computation on a ones channel with scale 1, kept in leaf order;
     channels go in chunks of at most CHUNK_BYTES of temporaries, so peak memory stays near the
