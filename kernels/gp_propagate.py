@@ -248,11 +248,18 @@ if triton is not None:
         return c[None, :] * (p_i - p_j)
 
     @triton.jit
-    def _tiles_before(sums, g, t, n_tiles, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
-        """Per channel, the sum of group g's tile sums before tile t, always added in the same order."""
+    def _tiles_before(sums, g, t, n_tiles, BLOCK_C: tl.constexpr):
+        """Per channel, the running sum of group g's tile sums before tile t (`_tile_scan_kernel`)."""
+        at = sums + (g * n_tiles + t - 1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return tl.load(at, mask=tl.full([BLOCK_C], 1, tl.int1) & (t > 0), other=0.0)
+
+    @triton.jit
+    def _tile_scan_kernel(sums, n_tiles, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+        """Program (channel group): the tile sums replaced by their running sums, in tile order."""
+        g = tl.program_id(0).to(tl.int64)
         idx = tl.arange(0, TILES)[None, :]
         at = sums + (g * n_tiles + idx) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
-        return tl.sum(tl.load(at, mask=idx < t, other=0.0), axis=1)
+        tl.store(at, tl.cumsum(tl.load(at, mask=idx < n_tiles, other=0.0), axis=1), mask=idx < n_tiles)
 
     @triton.jit
     def _store_sums(sums, g, t, n_tiles, values, BLOCK_C: tl.constexpr):
@@ -271,7 +278,7 @@ if triton is not None:
 
     @triton.jit
     def _prefix_kernel(unary, order, sums, prefix, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
-                       BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+                       BLOCK_C: tl.constexpr):
         """Program (tile, channel group): prefix sums P[p + 1] of the leaf values (P[0] = 0), channel-last."""
         t = tl.program_id(0)
         g = tl.program_id(1).to(tl.int64)
@@ -279,7 +286,7 @@ if triton is not None:
         p = t * BLOCK + tl.arange(0, BLOCK)
         mask = p < n
         _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
-        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C, TILES)[:, None] + tl.cumsum(x, axis=1)
+        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C)[:, None] + tl.cumsum(x, axis=1)
         at = prefix + (g * (n + 1) + p[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
         tl.store(at + BLOCK_C, running, mask=mask[None, :])
         tl.store(at, tl.zeros([BLOCK_C, BLOCK], tl.float64), mask=(p == 0)[None, :])
@@ -297,7 +304,7 @@ if triton is not None:
 
     @triton.jit
     def _contrib_scan_kernel(prefix, ci, cj, cc, dest, sums, acc, n, k, length, n_tiles, BLOCK: tl.constexpr,
-                             BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+                             BLOCK_C: tl.constexpr):
         """Program (tile, channel group): running sums of the contribution values; the one at each target
         group's last contribution goes to acc[target] (the difference array's prefix sum there)."""
         t = tl.program_id(0)
@@ -307,7 +314,7 @@ if triton is not None:
         mask = q < length
         v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C)
         at = tl.load(dest + b * length + q, mask=mask, other=-1)
-        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C, TILES)[:, None] + tl.cumsum(v, axis=1)
+        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C)[:, None] + tl.cumsum(v, axis=1)
         where = acc + (g * (n + 1) + at[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
         tl.store(where, running, mask=(mask & (at >= 0))[None, :])
 
@@ -331,12 +338,13 @@ if triton is not None:
 def _propagate_rows(unary, tables, scale, out, c0: int, k: int) -> None:
     """out[:, c0:c0+k] = (phi + sum of contributions) * scale for channels c0..c0+k of `unary` (B, K, N).
 
-    Five launches, each over (tile, image x channel group): leaf tile sums, leaf prefix sums P,
-    contribution tile sums, contribution running sums (kept at each target), output. A program
+    Seven launches, over (tile, image x channel group) unless said: leaf tile sums, their running
+    sums (one program per group), leaf prefix sums P, contribution tile sums, their running sums
+    (per group), contribution running sums (kept at each target), output. A program
     takes BLOCK_C channels, so it reads the tables once for all of them, and P and acc are
     channel-last within a group, so each gather of P reads BLOCK_C adjacent values. Every sum
-    is a fixed tree of additions (tl.sum / tl.cumsum within a tile, the tile sums before it in
-    index order), so the result does not depend on scheduling.
+    is a fixed tree of additions (tl.sum / tl.cumsum within a tile and over the tile sums), so
+    the result does not depend on scheduling.
     """
     order, ci, cj, cc, dest = tables
     bsz, k_total, n = unary.shape
@@ -351,17 +359,17 @@ def _propagate_rows(unary, tables, scale, out, c0: int, k: int) -> None:
     grid = (tiles, groups)
     meta = dict(BLOCK=block, BLOCK_C=block_c)
     _leaf_sums_kernel[grid](unary, order, sums, n, k, k_total, c0, tiles, **meta)
-    _prefix_kernel[grid](unary, order, sums, prefix, n, k, k_total, c0, tiles, TILES=triton.next_power_of_2(tiles),
-                         **meta)
-    cblock = _block(length, 2048)
+    _tile_scan_kernel[(groups,)](sums, tiles, BLOCK_C=block_c, TILES=triton.next_power_of_2(tiles))
+    _prefix_kernel[grid](unary, order, sums, prefix, n, k, k_total, c0, tiles, **meta)
+    cblock = _block(length)
     ctiles = triton.cdiv(length, cblock)
     csums = torch.empty(groups, ctiles, block_c, dtype=torch.float64, device=dev)
     acc = torch.empty_like(prefix)
     cgrid = (ctiles, groups)
     cmeta = dict(BLOCK=cblock, BLOCK_C=block_c)
     _contrib_sums_kernel[cgrid](prefix, ci, cj, cc, csums, n, k, length, ctiles, **cmeta)
-    _contrib_scan_kernel[cgrid](prefix, ci, cj, cc, dest, csums, acc, n, k, length, ctiles,
-                                TILES=triton.next_power_of_2(ctiles), **cmeta)
+    _tile_scan_kernel[(groups,)](csums, ctiles, BLOCK_C=block_c, TILES=triton.next_power_of_2(ctiles))
+    _contrib_scan_kernel[cgrid](prefix, ci, cj, cc, dest, csums, acc, n, k, length, ctiles, **cmeta)
     _output_kernel[grid](unary, order, acc, scale, out, n, k, k_total, c0, **meta)
 
 
