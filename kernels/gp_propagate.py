@@ -10,8 +10,9 @@ With leaves in KRT DFS order and prefix sums P, the subtree sums are S = P[hi] -
 internal node u with children A = [lo, mid) and B = [mid, hi) adds a_u S_B over A and a_u S_A
 over B, i.e. three point updates of a difference array (+a S_B at lo, +a (S_A - S_B) at mid,
 -a S_A at hi) whose prefix sum is the per-leaf total. The same with phi = 1 gives the
-normaliser. Sums are float64; the output has the unary's dtype. docs/kernels.md has the
-derivation and the backends.
+normaliser. Sums are float64; the output has the unary's dtype. The Triton path reaches the
+same sums without a difference array or atomics (`contribution_tables`), in a fixed order of
+additions, so it is bitwise reproducible. docs/kernels.md has the derivation and the backends.
 
 One signature for the three implementations (one image per batch row, N pixels):
 propagate(unary (B, K, N) float, order (B, N) pixel at each leaf position, lo / hi (B, 2N-1)
@@ -198,7 +199,7 @@ def contribution_tables(order, lo, hi, children, altitude, zeta: float) -> tuple
     difference array (and no atomic) is needed. Every position 0 <= p < N is a target (p = 0
     is the root's lo, p >= 1 the mid of the lowest common ancestor of leaves p - 1 and p).
     Returns (order int32 (B, N), i, j int32 (B, 4(N-1)), c float64, dest int32): dest is the
-    target where a group's last contribution leaves the running sum, -1 elsewhere.
+    target at each target's last contribution (where the running sum is kept), -1 elsewhere.
     """
     l, m, h = node_ranges(lo, hi, children)
     a = node_affinity(altitude, zeta)

@@ -87,7 +87,8 @@ def _extent(tensor) -> tuple[int, int, int]:
 
 
 def _check(op: str, ptrs, mask) -> None:
-    active = np.ones(ptrs.data.shape, bool) if mask is None else np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)
+    shape = ptrs.data.shape
+    active = np.ones(shape, bool) if mask is None else np.broadcast_to(mask.data.astype(bool), shape)
     if not active.any():
         return
     width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
