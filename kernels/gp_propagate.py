@@ -222,12 +222,15 @@ def _block(total: int, device_block: int = 1024) -> int:
 if triton is not None:
 
     @triton.jit
-    def _group(g, k, BLOCK_C: tl.constexpr):
-        """Image, channels (offsets within the chunk) and their validity of channel group g."""
+    def _program(k, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile t, channel group g, the group's image b, its channels ch (offsets within
+        the chunk) with their validity, and the tile's element offsets."""
+        t = tl.program_id(0)
+        g = tl.program_id(1).to(tl.int64)
         per_image = tl.cdiv(k, BLOCK_C)
         b = g // per_image
         ch = (g - b * per_image) * BLOCK_C + tl.arange(0, BLOCK_C)
-        return b, ch, ch < k
+        return t, g, b, ch, ch < k, t * BLOCK + tl.arange(0, BLOCK)
 
     @triton.jit
     def _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask):
@@ -237,15 +240,18 @@ if triton is not None:
         return pix, tl.load(rows + pix[None, :], mask=ch_ok[:, None] & mask[None, :], other=0.0).to(tl.float64)
 
     @triton.jit
+    def _at(array, g, n, pos, BLOCK_C: tl.constexpr):
+        """Addresses (BLOCK_C, BLOCK) of positions pos in group g of a channel-last (groups, N + 1, BLOCK_C) array."""
+        return array + (g * (n + 1) + pos[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+
+    @triton.jit
     def _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C: tl.constexpr):
         """Values c * (P[i] - P[j]) (BLOCK_C, BLOCK) of the sorted contributions q; P is channel-last per group."""
         i = tl.load(ci + b * length + q, mask=mask, other=0)
         j = tl.load(cj + b * length + q, mask=mask, other=0)
         c = tl.load(cc + b * length + q, mask=mask, other=0.0)
-        ch = tl.arange(0, BLOCK_C)[:, None]
-        group = prefix + g * (n + 1) * BLOCK_C
-        p_i = tl.load(group + i[None, :] * BLOCK_C + ch, mask=mask[None, :], other=0.0)
-        p_j = tl.load(group + j[None, :] * BLOCK_C + ch, mask=mask[None, :], other=0.0)
+        p_i = tl.load(_at(prefix, g, n, i, BLOCK_C), mask=mask[None, :], other=0.0)
+        p_j = tl.load(_at(prefix, g, n, j, BLOCK_C), mask=mask[None, :], other=0.0)
         return c[None, :] * (p_i - p_j)
 
     @triton.jit
@@ -270,10 +276,7 @@ if triton is not None:
     def _leaf_sums_kernel(unary, order, sums, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
                           BLOCK_C: tl.constexpr):
         """Program (tile, channel group): per channel, the sum of the leaf values in the tile."""
-        t = tl.program_id(0)
-        g = tl.program_id(1).to(tl.int64)
-        b, ch, ch_ok = _group(g, k, BLOCK_C)
-        p = t * BLOCK + tl.arange(0, BLOCK)
+        t, g, b, ch, ch_ok, p = _program(k, BLOCK, BLOCK_C)
         _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, p < n)
         _store_sums(sums, g, t, n_tiles, x, BLOCK_C)
 
@@ -281,14 +284,11 @@ if triton is not None:
     def _prefix_kernel(unary, order, sums, prefix, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
                        BLOCK_C: tl.constexpr):
         """Program (tile, channel group): prefix sums P[p + 1] of the leaf values (P[0] = 0), channel-last."""
-        t = tl.program_id(0)
-        g = tl.program_id(1).to(tl.int64)
-        b, ch, ch_ok = _group(g, k, BLOCK_C)
-        p = t * BLOCK + tl.arange(0, BLOCK)
+        t, g, b, ch, ch_ok, p = _program(k, BLOCK, BLOCK_C)
         mask = p < n
         _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
         running = _tiles_before(sums, g, t, n_tiles, BLOCK_C)[:, None] + tl.cumsum(x, axis=1)
-        at = prefix + (g * (n + 1) + p[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        at = _at(prefix, g, n, p, BLOCK_C)
         tl.store(at + BLOCK_C, running, mask=mask[None, :])
         tl.store(at, tl.zeros([BLOCK_C, BLOCK], tl.float64), mask=(p == 0)[None, :])
 
@@ -296,41 +296,30 @@ if triton is not None:
     def _contrib_sums_kernel(prefix, ci, cj, cc, sums, n, k, length, n_tiles, BLOCK: tl.constexpr,
                              BLOCK_C: tl.constexpr):
         """Program (tile, channel group): per channel, the sum of the contribution values in the tile."""
-        t = tl.program_id(0)
-        g = tl.program_id(1).to(tl.int64)
-        b, _, _ = _group(g, k, BLOCK_C)
-        q = t * BLOCK + tl.arange(0, BLOCK)
+        t, g, b, _, _, q = _program(k, BLOCK, BLOCK_C)
         v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, q < length, BLOCK_C)
         _store_sums(sums, g, t, n_tiles, v, BLOCK_C)
 
     @triton.jit
     def _contrib_scan_kernel(prefix, ci, cj, cc, dest, sums, acc, n, k, length, n_tiles, BLOCK: tl.constexpr,
                              BLOCK_C: tl.constexpr):
-        """Program (tile, channel group): running sums of the contribution values; the one at each target
-        group's last contribution goes to acc[target] (the difference array's prefix sum there)."""
-        t = tl.program_id(0)
-        g = tl.program_id(1).to(tl.int64)
-        b, _, _ = _group(g, k, BLOCK_C)
-        q = t * BLOCK + tl.arange(0, BLOCK)
+        """Program (tile, channel group): running sums of the contribution values; the one at each
+        target's last contribution goes to acc[target] (the difference array's prefix sum there)."""
+        t, g, b, _, _, q = _program(k, BLOCK, BLOCK_C)
         mask = q < length
         v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C)
         at = tl.load(dest + b * length + q, mask=mask, other=-1)
         running = _tiles_before(sums, g, t, n_tiles, BLOCK_C)[:, None] + tl.cumsum(v, axis=1)
-        where = acc + (g * (n + 1) + at[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
-        tl.store(where, running, mask=(mask & (at >= 0))[None, :])
+        tl.store(_at(acc, g, n, at, BLOCK_C), running, mask=(mask & (at >= 0))[None, :])
 
     @triton.jit
     def _output_kernel(unary, order, acc, scale, out, n, k, k_total, c0, BLOCK: tl.constexpr,
                        BLOCK_C: tl.constexpr):
         """Program (tile, channel group): (phi + acc) * scale at every leaf position, written at its pixel."""
-        t = tl.program_id(0)
-        g = tl.program_id(1).to(tl.int64)
-        b, ch, ch_ok = _group(g, k, BLOCK_C)
-        p = t * BLOCK + tl.arange(0, BLOCK)
+        t, g, b, ch, ch_ok, p = _program(k, BLOCK, BLOCK_C)
         mask = p < n
         pix, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
-        d = tl.load(acc + (g * (n + 1) + p[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None], mask=mask[None, :],
-                    other=0.0)
+        d = tl.load(_at(acc, g, n, p, BLOCK_C), mask=mask[None, :], other=0.0)
         y = (x + d) * tl.load(scale + b * n + p, mask=mask, other=0.0)[None, :]
         tl.store(out + (b * k_total + c0 + ch[:, None]) * n + pix[None, :], y.to(out.dtype.element_ty),
                  mask=ch_ok[:, None] & mask[None, :])
