@@ -10,8 +10,9 @@ With leaves in KRT DFS order and prefix sums P, the subtree sums are S = P[hi] -
 internal node u with children A = [lo, mid) and B = [mid, hi) adds a_u S_B over A and a_u S_A
 over B, i.e. three point updates of a difference array (+a S_B at lo, +a (S_A - S_B) at mid,
 -a S_A at hi) whose prefix sum is the per-leaf total. The same with phi = 1 gives the
-normaliser. Sums are float64; the output has the unary's dtype. docs/kernels.md has the
-derivation and the backends.
+normaliser. Sums are float64; the output has the unary's dtype. The Triton path reaches the
+same sums without a difference array or atomics (`contribution_tables`), in a fixed order of
+additions, so it is bitwise reproducible. docs/kernels.md has the derivation and the backends.
 
 One signature for the three implementations (one image per batch row, N pixels):
 propagate(unary (B, K, N) float, order (B, N) pixel at each leaf position, lo / hi (B, 2N-1)
@@ -183,62 +184,207 @@ def propagate_cpu(unary, order, lo, hi, children, altitude, zeta: float) -> torc
 # ----------------------------------------------------------------------------------------------
 # triton
 
+
+def contribution_tables(order, lo, hi, children, altitude, zeta: float) -> tuple[torch.Tensor, ...]:
+    """Per-tree tables of the Triton path, built once for all channels (torch, deterministic).
+
+    Each internal node's three point updates become four contributions c * (P[i] - P[j]), the
+    update at mid split in two:
+
+        target lo:  +a (P[hi] - P[mid])      target mid: +a (P[mid] - P[lo]) and -a (P[hi] - P[mid])
+        target hi:  -a (P[mid] - P[lo])
+
+    sorted by target position (ties in a fixed order). The running sum of the sorted values up
+    to the last contribution with target p is the difference array's prefix sum at p, so no
+    difference array (and no atomic) is needed. Every position 0 <= p < N is a target (p = 0
+    is the root's lo, p >= 1 the mid of the lowest common ancestor of leaves p - 1 and p).
+    Returns (order int32 (B, N), i, j int32 (B, 4(N-1)), c float64, dest int32): dest is the
+    target at each target's last contribution (where the running sum is kept), -1 elsewhere.
+    """
+    l, m, h = node_ranges(lo, hi, children)
+    a = node_affinity(altitude, zeta)
+    target, perm = torch.sort(torch.cat([l, m, m, h], 1), dim=1, stable=True)
+    i = torch.cat([h, m, h, m], 1).gather(1, perm)
+    j = torch.cat([m, l, m, l], 1).gather(1, perm)
+    c = torch.cat([a, a, -a, -a], 1).gather(1, perm)
+    last = torch.ones_like(target, dtype=torch.bool)
+    last[:, :-1] = target[:, 1:] != target[:, :-1]
+    dest = torch.where(last, target, -1)
+    as32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    return as32(order), as32(i), as32(j), c.contiguous(), as32(dest)
+
+
+def _block(total: int, device_block: int = 1024) -> int:
+    """Elements per program: `device_block` on a GPU; under the interpreter as few programs as possible."""
+    return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else device_block
+
+
 if triton is not None:
 
     @triton.jit
-    def _range_add_kernel(prefix, node_lo, node_mid, node_hi, node_a, diff, m, n1, k, BLOCK: tl.constexpr):
-        """Program (image * channel, node block): three float64 atomic point updates per node."""
-        row = tl.program_id(0).to(tl.int64)
-        b = row // k
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < m
-        l = tl.load(node_lo + b * m + offs, mask=mask, other=0)
-        mid = tl.load(node_mid + b * m + offs, mask=mask, other=0)
-        h = tl.load(node_hi + b * m + offs, mask=mask, other=0)
-        a = tl.load(node_a + b * m + offs, mask=mask, other=0.0)
-        base = row * n1
-        p_l = tl.load(prefix + base + l, mask=mask, other=0.0)
-        p_m = tl.load(prefix + base + mid, mask=mask, other=0.0)
-        p_h = tl.load(prefix + base + h, mask=mask, other=0.0)
-        s_a = p_m - p_l
-        s_b = p_h - p_m
-        tl.atomic_add(diff + base + l, a * s_b, mask=mask)
-        tl.atomic_add(diff + base + mid, a * (s_a - s_b), mask=mask)
-        tl.atomic_add(diff + base + h, -a * s_a, mask=mask)
+    def _program(k, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile t, channel group g, the group's image b, its channels ch (offsets within
+        the chunk) with their validity, and the tile's element offsets."""
+        t = tl.program_id(0)
+        g = tl.program_id(1).to(tl.int64)
+        per_image = tl.cdiv(k, BLOCK_C)
+        b = g // per_image
+        ch = (g - b * per_image) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return t, g, b, ch, ch < k, t * BLOCK + tl.arange(0, BLOCK)
+
+    @triton.jit
+    def _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask):
+        """(pixels (BLOCK,), float64 values (BLOCK_C, BLOCK)) at leaf positions p of image b, channels ch."""
+        pix = tl.load(order + b * n + p, mask=mask, other=0)
+        rows = unary + (b * k_total + c0 + ch[:, None]) * n
+        return pix, tl.load(rows + pix[None, :], mask=ch_ok[:, None] & mask[None, :], other=0.0).to(tl.float64)
+
+    @triton.jit
+    def _at(array, g, n, pos, BLOCK_C: tl.constexpr):
+        """Addresses (BLOCK_C, BLOCK) of positions pos in group g of a channel-last (groups, N + 1, BLOCK_C) array."""
+        return array + (g * (n + 1) + pos[None, :]) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+
+    @triton.jit
+    def _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C: tl.constexpr):
+        """Values c * (P[i] - P[j]) (BLOCK_C, BLOCK) of the sorted contributions q; P is channel-last per group."""
+        i = tl.load(ci + b * length + q, mask=mask, other=0)
+        j = tl.load(cj + b * length + q, mask=mask, other=0)
+        c = tl.load(cc + b * length + q, mask=mask, other=0.0)
+        p_i = tl.load(_at(prefix, g, n, i, BLOCK_C), mask=mask[None, :], other=0.0)
+        p_j = tl.load(_at(prefix, g, n, j, BLOCK_C), mask=mask[None, :], other=0.0)
+        return c[None, :] * (p_i - p_j)
+
+    @triton.jit
+    def _tiles_before(sums, g, t, n_tiles, BLOCK_C: tl.constexpr):
+        """Per channel, the running sum of group g's tile sums before tile t (`_tile_scan_kernel`)."""
+        at = sums + (g * n_tiles + t - 1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return tl.load(at, mask=tl.full([BLOCK_C], 1, tl.int1) & (t > 0), other=0.0)
+
+    @triton.jit
+    def _tile_scan_kernel(sums, n_tiles, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+        """Program (channel group): the tile sums replaced by their running sums, in tile order."""
+        g = tl.program_id(0).to(tl.int64)
+        idx = tl.arange(0, TILES)[None, :]
+        at = sums + (g * n_tiles + idx) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        tl.store(at, tl.cumsum(tl.load(at, mask=idx < n_tiles, other=0.0), axis=1), mask=idx < n_tiles)
+
+    @triton.jit
+    def _store_sums(sums, g, t, n_tiles, values, BLOCK_C: tl.constexpr):
+        tl.store(sums + (g * n_tiles + t) * BLOCK_C + tl.arange(0, BLOCK_C), tl.sum(values, axis=1))
+
+    @triton.jit
+    def _leaf_sums_kernel(unary, order, sums, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): per channel, the sum of the leaf values in the tile."""
+        t, g, b, ch, ch_ok, p = _program(k, BLOCK, BLOCK_C)
+        _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, p < n)
+        _store_sums(sums, g, t, n_tiles, x, BLOCK_C)
+
+    @triton.jit
+    def _prefix_kernel(unary, order, sums, prefix, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): prefix sums P[p + 1] of the leaf values (P[0] = 0), channel-last."""
+        t, g, b, ch, ch_ok, p = _program(k, BLOCK, BLOCK_C)
+        mask = p < n
+        _, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
+        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C)[:, None] + tl.cumsum(x, axis=1)
+        at = _at(prefix, g, n, p, BLOCK_C)
+        tl.store(at + BLOCK_C, running, mask=mask[None, :])
+        tl.store(at, tl.zeros([BLOCK_C, BLOCK], tl.float64), mask=(p == 0)[None, :])
+
+    @triton.jit
+    def _contrib_sums_kernel(prefix, ci, cj, cc, sums, n, k, length, n_tiles, BLOCK: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): per channel, the sum of the contribution values in the tile."""
+        t, g, b, _, _, q = _program(k, BLOCK, BLOCK_C)
+        v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, q < length, BLOCK_C)
+        _store_sums(sums, g, t, n_tiles, v, BLOCK_C)
+
+    @triton.jit
+    def _contrib_scan_kernel(prefix, ci, cj, cc, dest, sums, acc, n, k, length, n_tiles, BLOCK: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): running sums of the contribution values; the one at each
+        target's last contribution goes to acc[target] (the difference array's prefix sum there)."""
+        t, g, b, _, _, q = _program(k, BLOCK, BLOCK_C)
+        mask = q < length
+        v = _contrib_values(prefix, ci, cj, cc, g, b, n, length, q, mask, BLOCK_C)
+        at = tl.load(dest + b * length + q, mask=mask, other=-1)
+        running = _tiles_before(sums, g, t, n_tiles, BLOCK_C)[:, None] + tl.cumsum(v, axis=1)
+        tl.store(_at(acc, g, n, at, BLOCK_C), running, mask=(mask & (at >= 0))[None, :])
+
+    @triton.jit
+    def _output_kernel(unary, order, acc, scale, out, n, k, k_total, c0, BLOCK: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        """Program (tile, channel group): (phi + acc) * scale at every leaf position, written at its pixel."""
+        t, g, b, ch, ch_ok, p = _program(k, BLOCK, BLOCK_C)
+        mask = p < n
+        pix, x = _leaf_values(unary, order, b, ch, ch_ok, k_total, c0, n, p, mask)
+        d = tl.load(_at(acc, g, n, p, BLOCK_C), mask=mask[None, :], other=0.0)
+        y = (x + d) * tl.load(scale + b * n + p, mask=mask, other=0.0)[None, :]
+        tl.store(out + (b * k_total + c0 + ch[:, None]) * n + pix[None, :], y.to(out.dtype.element_ty),
+                 mask=ch_ok[:, None] & mask[None, :])
 
 
-def _range_add_triton(prefix, l, m, h, a) -> torch.Tensor:
-    bsz, k, n1 = prefix.shape
-    diff = torch.zeros_like(prefix)
-    block = min(triton.next_power_of_2(n1 - 2), 1 << 16) if INTERPRETED else 1024
-    grid = (bsz * k, triton.cdiv(n1 - 2, block))
-    _range_add_kernel[grid](prefix, l, m, h, a, diff, n1 - 2, n1, k, BLOCK=block)
-    return diff
+def _propagate_rows(unary, tables, scale, out, c0: int, k: int) -> None:
+    """out[:, c0:c0+k] = (phi + sum of contributions) * scale for channels c0..c0+k of `unary` (B, K, N).
+
+    Seven launches, over (tile, image x channel group) unless said: leaf tile sums, their running
+    sums (one program per group), leaf prefix sums P, contribution tile sums, their running sums
+    (per group), contribution running sums (kept at each target), output. A program
+    takes BLOCK_C channels, so it reads the tables once for all of them, and P and acc are
+    channel-last within a group, so each gather of P reads BLOCK_C adjacent values. Every sum
+    is a fixed tree of additions (tl.sum / tl.cumsum within a tile and over the tile sums), so
+    the result does not depend on scheduling.
+    """
+    order, ci, cj, cc, dest = tables
+    bsz, k_total, n = unary.shape
+    length = ci.shape[1]
+    dev = unary.device
+    block_c = _block(k, 4)
+    groups = bsz * triton.cdiv(k, block_c)
+    block = _block(n)
+    tiles = triton.cdiv(n, block)
+    sums = torch.empty(groups, tiles, block_c, dtype=torch.float64, device=dev)
+    prefix = torch.empty(groups, n + 1, block_c, dtype=torch.float64, device=dev)
+    grid = (tiles, groups)
+    meta = dict(BLOCK=block, BLOCK_C=block_c)
+    _leaf_sums_kernel[grid](unary, order, sums, n, k, k_total, c0, tiles, **meta)
+    _tile_scan_kernel[(groups,)](sums, tiles, BLOCK_C=block_c, TILES=triton.next_power_of_2(tiles))
+    _prefix_kernel[grid](unary, order, sums, prefix, n, k, k_total, c0, tiles, **meta)
+    cblock = _block(length)
+    ctiles = triton.cdiv(length, cblock)
+    csums = torch.empty(groups, ctiles, block_c, dtype=torch.float64, device=dev)
+    acc = torch.empty_like(prefix)
+    cgrid = (ctiles, groups)
+    cmeta = dict(BLOCK=cblock, BLOCK_C=block_c)
+    _contrib_sums_kernel[cgrid](prefix, ci, cj, cc, csums, n, k, length, ctiles, **cmeta)
+    _tile_scan_kernel[(groups,)](csums, ctiles, BLOCK_C=block_c, TILES=triton.next_power_of_2(ctiles))
+    _contrib_scan_kernel[cgrid](prefix, ci, cj, cc, dest, csums, acc, n, k, length, ctiles, **cmeta)
+    _output_kernel[grid](unary, order, acc, scale, out, n, k, k_total, c0, **meta)
 
 
-CHUNK_BYTES = 1 << 32  # float64 temporaries of one channel chunk (about 40 bytes per pixel and channel)
+CHUNK_BYTES = 1 << 32  # float64 temporaries of one channel chunk (P and acc: 16 bytes per pixel and channel)
 
 
 def propagate_triton(unary, order, lo, hi, children, altitude, zeta: float) -> torch.Tensor:
-    """Triton range-add kernel; gathers, float64 prefix sums (torch.cumsum) and the scatter in torch.
+    """Triton: per-tree contribution tables once, then deterministic scans per channel group; no atomics.
 
-    The normaliser is computed once per image; channels go in chunks of at most CHUNK_BYTES of
-    temporaries, so peak memory stays near the output's size for large batches.
+    The normaliser is the same computation on a ones channel with scale 1, kept in leaf order;
+    channels go in chunks of at most CHUNK_BYTES of temporaries, so peak memory stays near the
+    output's size for large batches. Bitwise reproducible run to run.
     """
     bsz, k, n = unary.shape
     if n == 1:
         return unary.clone()
-    l, m, h = (r.contiguous() for r in node_ranges(lo, hi, children))
-    a = node_affinity(altitude, zeta).contiguous()
-    ones = torch.arange(n + 1, dtype=torch.float64, device=unary.device).expand(bsz, 1, n + 1).contiguous()
-    den = 1.0 + _range_add_triton(ones, l, m, h, a).cumsum(2)[:, :, :n]
-    out = torch.empty_like(unary, memory_format=torch.contiguous_format)
-    step = max(1, CHUNK_BYTES // (40 * bsz * n))
+    tables = contribution_tables(order, lo, hi, children, altitude, zeta)
+    ones = torch.ones(bsz, 1, n, dtype=torch.float64, device=unary.device)
+    den = torch.empty_like(ones)
+    in_leaf_order = torch.arange(n, dtype=torch.int32, device=unary.device).expand(bsz, n).contiguous()
+    _propagate_rows(ones, (in_leaf_order, *tables[1:]), ones[:, 0], den, 0, 1)
+    inv_den = den[:, 0].reciprocal()
+    phi = unary.contiguous()
+    out = torch.empty_like(phi)
+    step = max(1, CHUNK_BYTES // (16 * bsz * n))
     for c in range(0, k, step):
-        chunk = unary[:, c : c + step]
-        idx = order[:, None, :].expand(bsz, chunk.shape[1], n)
-        x = chunk.double().gather(2, idx)
-        prefix = torch.nn.functional.pad(x.cumsum(2), (1, 0))
-        y = (x + _range_add_triton(prefix, l, m, h, a).cumsum(2)[:, :, :n]) / den
-        out[:, c : c + step].scatter_(2, idx, y.to(unary.dtype))
+        _propagate_rows(phi, tables, inv_den, out, c, min(step, k - c))
     return out
