@@ -30,6 +30,7 @@ renormalised per pixel.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -118,7 +119,7 @@ def normalize_graph(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
 
     Duplicate entries are summed and the diagonal dropped; a row whose sum is 0 counts as degree 1.
     """
-    w = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n)).coalesce()
+    w = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
     (r, c), v = w.indices(), w.values()
     keep = r != c
     r, c, v = r[keep], c[keep], v[keep]
@@ -127,7 +128,11 @@ def normalize_graph(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
     d = 1.0 / degree.sqrt()
     d[~torch.isfinite(d)] = 0
     v = d[r] * v * d[c]
-    return torch.sparse_coo_tensor(torch.stack([r, c]), v, (n, n)).coalesce().to_sparse_csr()
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=v.device)
+    crow[1:] = torch.bincount(r, minlength=n).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, c, v, (n, n), check_invariants=False)
 
 
 def patch_graph(
