@@ -102,15 +102,26 @@ def patch_centres(boxes: Sequence[tuple[int, int]], grids: Sequence[tuple[int, i
 
 
 def knn(features: torch.Tensor, k: int, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours by inner product: (N, k) scores and indices, best first, ties to the lower index."""
+    """Exact k nearest neighbours by inner product: (N, k) scores and indices, best first, ties to the lower index.
+
+    The k-th best score of each row is found with topk; every larger score is kept, and of the
+    scores equal to it the lowest indices fill the row; the k kept are then sorted by score,
+    stably, so equal scores stay in index order.
+    """
     n = features.shape[0]
     k = min(k, n)
     scores, index = [], []
     for start in range(0, n, rows_per_chunk):
         sims = features[start : start + rows_per_chunk] @ features.T
-        values, order = torch.sort(sims, dim=1, descending=True, stable=True)
-        scores.append(values[:, :k])
-        index.append(order[:, :k])
+        kth = sims.topk(k, dim=1).values[:, -1:]
+        above = sims > kth
+        tied = sims == kth
+        keep = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+        cols = keep.nonzero()[:, 1].view(-1, k)
+        values = sims.gather(1, cols)
+        values, order = torch.sort(values, dim=1, descending=True, stable=True)
+        scores.append(values)
+        index.append(cols.gather(1, order))
     return torch.cat(scores), torch.cat(index)
 
 
