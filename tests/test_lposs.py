@@ -424,3 +424,14 @@ def test_segmenter_runs_lposs_under_the_lposs_protocol():
                                       overrides=["protocol=sclip"])
     with pytest.raises(ValueError, match="generator.vfm_values=true"):
         plain(image)
+
+
+def test_stencil_kernel_cpu_equals_reference():
+    """kernels/lposs_stencil.py: the numba loop against the torch reference (borders, r 5 and a 1-pixel image side)."""
+    from maskclip_apro.kernels.lposs_stencil import stencil_matvec_cpu, stencil_matvec_reference
+
+    for h, w in ((7, 9), (1, 6)):
+        weights, offsets = pixel_stencil(torch.rand(3, h, w, generator=_gen(14)), 5, 0.1)
+        x = torch.randn(3, h, w, dtype=torch.float64, generator=_gen(15))
+        torch.testing.assert_close(stencil_matvec_cpu(weights, offsets, 0.95, x),
+                                   stencil_matvec_reference(weights, offsets, 0.95, x), rtol=1e-12, atol=1e-13)

@@ -241,22 +241,12 @@ def pixel_stencil(image: torch.Tensor, r: int, tau: float) -> tuple[torch.Tensor
 def stencil_system(weights: torch.Tensor, offsets: Sequence[tuple[int, int]], alpha: float):
     """matvec of (I - alpha Wn) on (K, H * W) rows (maps, float64), Wn given as a stencil (pixel_stencil).
 
-    The maps are zero-padded once per product so that every offset reads a plain shifted view
-    (the stencil is 0 where a neighbour lies outside).
+    kernels/lposs_stencil.py computes it: a numba loop on the CPU, shifted views elsewhere.
     """
+    from ..kernels.lposs_stencil import stencil_matvec
+
     _, h, w = weights.shape
-    half = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-
-    def matvec(rows: torch.Tensor) -> torch.Tensor:
-        x = rows.view(-1, h, w)
-        padded = F.pad(x, (half, half, half, half))
-        out = x.clone()
-        for o, (dy, dx) in enumerate(offsets):
-            shifted = padded[:, half + dy : half + dy + h, half + dx : half + dx + w]
-            out.addcmul_(weights[o].to(x.dtype), shifted, value=-alpha)
-        return out.view(rows.shape)
-
-    return matvec
+    return lambda rows: stencil_matvec(weights, offsets, alpha, rows.view(-1, h, w)).view(rows.shape)
 
 
 class LPOSS:
