@@ -292,6 +292,8 @@ class LPOSS:
     def patch_stage(self, windows: WindowScores, index: int) -> torch.Tensor:
         """Image `index`'s window-averaged patch-stage scores (M, H', W'), float32."""
         values = windows.values[index].float()  # (n, C, gv, gwv)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("the VFM value features contain NaN or inf; check the VFM weights (model.vfm.pretrained)")
         n, c, gv, gwv = values.shape
         features = windows.features[index].float()
         if tuple(features.shape[-2:]) != (gv, gwv):
