@@ -388,6 +388,9 @@ def test_bad_input_is_one_line():
         LPOSS()(probs, Guidance(image=image))
     assert "\n" not in str(err.value)
     windows, *_ = _windows(16, 16, 16, 8, 8)
+    windows.values = torch.full_like(windows.values, float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        LPOSS()(probs, Guidance(image=image, windows=windows))
     windows.values = None
     with pytest.raises(ValueError, match="generator.vfm_values=true") as err:
         Chain.from_steps(["lposs_plus"])(probs, Guidance(image=image, windows=windows))
