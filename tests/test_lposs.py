@@ -438,3 +438,18 @@ def test_stencil_kernel_cpu_equals_reference():
         x = torch.randn(3, h, w, dtype=torch.float64, generator=_gen(15))
         torch.testing.assert_close(stencil_matvec_cpu(weights, offsets, 0.95, x),
                                    stencil_matvec_reference(weights, offsets, 0.95, x), rtol=1e-12, atol=1e-13)
+
+
+def test_refiners_preset_and_lposs_protocol_compose():
+    """methods=refiners names known steps; protocol=lposs is LPOSS's harness with the VFM values on."""
+    from maskclip_apro.config import compose, generator_kwargs
+    from maskclip_apro.refiners import STEPS
+
+    cfg = compose("compare", ["methods=refiners", "protocol=lposs", "model=vit_b16_laion"])
+    rows = dict(cfg.methods)
+    assert list(rows) == ["plain", "+PD", "+PAMR", "+LPOSS", "+LPOSS+", "+APro", "+APro+PAMR"]
+    assert all(step in STEPS for steps in rows.values() for step in steps)
+    kwargs = generator_kwargs(cfg)
+    assert (kwargs["mode"], kwargs["short_side"], kwargs["window"], kwargs["stride"]) == ("harness", 448, 224, 112)
+    assert kwargs["vfm_values"] is True and kwargs["vfm"]["name"] == "vit_base_patch16_224.dino"
+    assert (cfg.model.name, cfg.model.pretrained) == ("ViT-B-16", "laion2b_s34b_b88k")
