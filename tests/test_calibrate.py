@@ -70,4 +70,5 @@ def test_lposs_rows_see_the_unary_as_one_window():
     for _, steps in cal.LPOSS_ROWS + cal.PIXEL_ROWS:
         out = Chain.from_steps(steps, params)(unary, Guidance(image=image, windows=windows))
         assert out.shape[:2] == unary.shape[:2] and bool(torch.isfinite(out).all())
-    assert [r[0] for r in cal.rows(False, {"apro": {}}, lposs=True)][-4:] == [r[0] for r in cal.PIXEL_ROWS + cal.LPOSS_ROWS]
+    base = {"apro": {"zeta_g": 0.1, "gp_scale": 2, "zeta_s": 0.5, "lp_scale": 4}}
+    assert [r[0] for r in cal.rows(False, base, lposs=True)][-4:] == [r[0] for r in cal.PIXEL_ROWS + cal.LPOSS_ROWS]
