@@ -23,10 +23,10 @@ the cells that lie in the window (the same per-window maps the pixel average rea
 points), averaged over the windows containing each centre. `logits` are logit_scale times the
 max over each class's queries of those cosines; `features` are not normalised.
 
-Per window, for refiners that work window by window (LPOSS): `windows` holds each window's
-features on its own grid (B, n, D, gh, gw), the text query embeddings, the window boxes and,
-with a `vfm`, the VFM's last-block value features of each window's RGB crop (its remainder past
-whole VFM patches dropped, as the CLIP grid drops it).
+Per window, for refiners that work window by window (LPOSS), when a `vfm` is given: `windows`
+holds each window's features on its own grid (B, n, D, gh, gw), the text query embeddings, the
+window boxes and the VFM's last-block value features of each window's RGB crop (its remainder
+past whole VFM patches dropped, as the CLIP grid drops it).
 """
 
 from __future__ import annotations
@@ -199,8 +199,9 @@ class HarnessGenerator(nn.Module):
             if self.pad_to:
                 crops = F.pad(crops, (left, right, top, bottom))
             maps = self.crop_maps(crops)
-            window_features.append(maps[:, m : m + self.classifier.embeddings.shape[1]].unflatten(0, (-1, b)))
             if self.vfm is not None:
+                feats = maps[:, m : m + self.classifier.embeddings.shape[1]].contiguous()  # not a view: maps can go
+                window_features.append(feats.unflatten(0, (-1, b)))
                 rgb = torch.cat([image[:, :, y : y + h, x : x + w] for y, x, _, _ in chunk])
                 values = self.vfm.values(crop_to_multiple(rgb, self.vfm.patch_size)).float()
                 window_values.append(values.unflatten(0, (-1, b)))
@@ -228,11 +229,12 @@ class HarnessGenerator(nn.Module):
         logits = grid_cos.new_full((b, self.num_classes, *grid), float("-inf"))
         index = self.owner.view(1, -1, 1, 1).expand_as(grid_cos)
         logits.scatter_reduce_(1, index, self.logit_scale * grid_cos, reduce="amax", include_self=True)
-        windows = dict(
-            features=torch.cat(window_features).transpose(0, 1), text=self.classifier.embeddings, boxes=boxes,
-            values=torch.cat(window_values).transpose(0, 1) if window_values else None,
-            vfm_patch=None if self.vfm is None else self.vfm.patch_size,
-        )
+        windows = None
+        if self.vfm is not None:
+            windows = dict(
+                features=torch.cat(window_features).transpose(0, 1), text=self.classifier.embeddings, boxes=boxes,
+                values=torch.cat(window_values).transpose(0, 1), vfm_patch=self.vfm.patch_size,
+            )
         return GeneratorOutput(
             logits=logits, keys=keys, features=features, image=image, pixel_cos=pixel_cos, windows=windows
         )

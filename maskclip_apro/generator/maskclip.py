@@ -56,7 +56,8 @@ class GeneratorOutput:
     h x w is the patch grid of the resized image (padded to whole patches for a ViT under
     MaskCLIP's protocol). pixel_cos (B, M, H, W): the SCLIP-family harness's cosine per text
     query at the input image's size (harness.HarnessGenerator; None otherwise). windows: the
-    harness's per-window outputs (harness.py: features, text, boxes, values, vfm_patch; None otherwise).
+    harness's per-window outputs when it has a VFM (harness.py: features, text, boxes, values,
+    vfm_patch; None otherwise).
     """
 
     logits: torch.Tensor

@@ -43,8 +43,8 @@ STAGES = ("patch", "patch_pixel", "pixel")
 LAB_SCALE = (100.0, 128.0, 128.0)
 CHUNK_ELEMENTS = 1 << 23  # float64 elements per CG vector in the pixel stage (64 MB): classes go in chunks
 NO_WINDOWS = (
-    "refine step {step} needs the per-window scores of the SCLIP-family harness (generator.mode=harness, "
-    "e.g. protocol=lposs); this generator gave none"
+    "refine step {step} needs the per-window scores and VFM values of the SCLIP-family harness: "
+    "generator.mode=harness with generator.vfm_values=true (protocol=lposs sets both); this generator gave none"
 )
 NO_VALUES = (
     "refine step {step} needs the VFM value features of every window: set generator.vfm_values=true "
