@@ -15,7 +15,7 @@ GENERATOR_KEYS = (
     "templates", "logit_scale", "mode", "short_side", "img_scale", "window", "stride", "normalize", "cache_dir",
     "pos_interp",
 )
-HARNESS_KEYS = ("pad_to", "prob_thd", "area_thd", "class_file")  # mode=harness only (generator/harness.py)
+HARNESS_KEYS = ("pad_to", "prob_thd", "area_thd", "class_file", "vfm_values")  # mode=harness only (generator/harness.py)
 DENSE_KEYS = ("dense", "naclip_sigma", "proxy", "vfm")  # the model block's last-block settings
 
 

