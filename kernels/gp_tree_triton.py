@@ -175,7 +175,8 @@ if triton is not None:
             roots = go & (pa == a) & (pb == b)
             try_ = roots & (a != b)
             a_low = ((a * 2654435761) & 0xFFFFFFFF) < ((b * 2654435761) & 0xFFFFFFFF)
-            low = tl.where(try_, tl.where(a_low, a, b), a)  # lanes not trying: their own entry, no contention
+            # lanes not trying CAS their own entry (no contention); lanes out of the work (padding) entry 0
+            low = tl.where(try_, tl.where(a_low, a, b), tl.where(go, a, 0))
             cur = tl.where(try_, tl.where(a_low, ea, eb), -2)  # -2: no entry holds it, so no write
             old = tl.atomic_cas(uf + low, cur, tl.where(try_, (level << 32) | tl.where(a_low, b, a), -2))
             go = go & ~(roots & ((a == b) | (old == cur)))
