@@ -238,7 +238,7 @@ def test_output_dtype_follows_unary(dtype, backend):
     unary = torch.rand(1, 2, 6, 5, generator=gen)
     got = global_propagation(unary.to(dtype), guide, 0.5, backend=backend)
     assert got.dtype == dtype
-    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    tol = 1e-7 if dtype == torch.float64 else 1e-2  # float64 sums; the edge weights are float32 (the official's)
     torch.testing.assert_close(got.double(), brute_force(unary.to(dtype).double(), guide, 0.5), atol=tol, rtol=0)
 
 
