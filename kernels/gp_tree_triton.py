@@ -38,7 +38,7 @@ atomic or a load address a valid element or are masked.
 
 Instrumentation for the benchmark: `COUNTS` (launches per kernel), `READS` (host reads, i.e.
 synchronisations; none remain) and `TRIPS` (the longest in-kernel loop of the union-find
-kernels). `BLOCK` overrides the elements per program of every launch (tests run 1, 2, 4).
+kernels).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from .gp_tree import Stage, Tree, grid_edges, grid_weights, mst_keys, no_stage, 
 COUNTS: collections.Counter = collections.Counter()  # kernel name -> launches
 READS: collections.Counter = collections.Counter()  # host reads of device values (synchronisations)
 TRIPS: dict[str, torch.Tensor] = {}  # kernel -> longest in-kernel loop per round / level, last build (device)
-BLOCK: int | None = None  # elements per program for every launch when set (a power of two); None: the defaults
 GRAPHS = True  # on CUDA, replay the build from a CUDA graph captured once per input shape
 
 _NONE_KEY = 2**63 - 1
@@ -62,9 +61,10 @@ _LOOP_BLOCK = 256  # union-find kernels: fewer elements per thread, fewer regist
 
 
 def _block(total: int, device_block: int) -> int:
-    """Elements per program: `BLOCK` if set, else the device default; under the interpreter as few programs as possible."""
-    if BLOCK is not None:
-        return BLOCK
+    """Elements per program: `device_block` on a GPU, under the interpreter as few programs as possible.
+
+    tests/triton_harness.py replaces this function to run every launch with small blocks.
+    """
     return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else device_block
 
 
