@@ -183,62 +183,181 @@ def propagate_cpu(unary, order, lo, hi, children, altitude, zeta: float) -> torc
 # ----------------------------------------------------------------------------------------------
 # triton
 
+
+def contribution_tables(order, lo, hi, children, altitude, zeta: float) -> tuple[torch.Tensor, ...]:
+    """Per-tree tables of the Triton path, built once for all channels (torch, deterministic).
+
+    Each internal node's three point updates become four contributions c * (P[i] - P[j]), the
+    update at mid split in two:
+
+        target lo:  +a (P[hi] - P[mid])      target mid: +a (P[mid] - P[lo]) and -a (P[hi] - P[mid])
+        target hi:  -a (P[mid] - P[lo])
+
+    sorted by target position (ties in a fixed order). The running sum of the sorted values up
+    to the last contribution with target p is the difference array's prefix sum at p, so no
+    difference array (and no atomic) is needed. Every position 0 <= p < N is a target (p = 0
+    is the root's lo, p >= 1 the mid of the lowest common ancestor of leaves p - 1 and p).
+    Returns (order int32 (B, N), i, j int32 (B, 4(N-1)), c float64, dest int32): dest is the
+    target where a group's last contribution leaves the running sum, -1 elsewhere.
+    """
+    l, m, h = node_ranges(lo, hi, children)
+    a = node_affinity(altitude, zeta)
+    target, perm = torch.sort(torch.cat([l, m, m, h], 1), dim=1, stable=True)
+    i = torch.cat([h, m, h, m], 1).gather(1, perm)
+    j = torch.cat([m, l, m, l], 1).gather(1, perm)
+    c = torch.cat([a, a, -a, -a], 1).gather(1, perm)
+    last = torch.ones_like(target, dtype=torch.bool)
+    last[:, :-1] = target[:, 1:] != target[:, :-1]
+    dest = torch.where(last, target, -1)
+    as32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    return as32(order), as32(i), as32(j), c.contiguous(), as32(dest)
+
+
+def _block(total: int, device_block: int = 1024) -> int:
+    """Elements per program: `device_block` on a GPU; under the interpreter as few programs as possible."""
+    return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else device_block
+
+
 if triton is not None:
 
     @triton.jit
-    def _range_add_kernel(prefix, node_lo, node_mid, node_hi, node_a, diff, m, n1, k, BLOCK: tl.constexpr):
-        """Program (image * channel, node block): three float64 atomic point updates per node."""
-        row = tl.program_id(0).to(tl.int64)
-        b = row // k
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < m
-        l = tl.load(node_lo + b * m + offs, mask=mask, other=0)
-        mid = tl.load(node_mid + b * m + offs, mask=mask, other=0)
-        h = tl.load(node_hi + b * m + offs, mask=mask, other=0)
-        a = tl.load(node_a + b * m + offs, mask=mask, other=0.0)
-        base = row * n1
-        p_l = tl.load(prefix + base + l, mask=mask, other=0.0)
-        p_m = tl.load(prefix + base + mid, mask=mask, other=0.0)
-        p_h = tl.load(prefix + base + h, mask=mask, other=0.0)
-        s_a = p_m - p_l
-        s_b = p_h - p_m
-        tl.atomic_add(diff + base + l, a * s_b, mask=mask)
-        tl.atomic_add(diff + base + mid, a * (s_a - s_b), mask=mask)
-        tl.atomic_add(diff + base + h, -a * s_a, mask=mask)
+    def _leaf_values(unary, order, r, k, k_total, c0, n, p, mask):
+        """(pixel, float64 value) at leaf positions p of row r (image r // k, channel c0 + r % k)."""
+        b = r // k
+        pix = tl.load(order + b * n + p, mask=mask, other=0)
+        row = unary + (b * k_total + c0 + r - b * k) * n
+        return pix, tl.load(row + pix, mask=mask, other=0.0).to(tl.float64)
+
+    @triton.jit
+    def _contrib_values(prefix, ci, cj, cc, r, k, n, length, q, mask):
+        """Values c * (P[i] - P[j]) of the sorted contributions q of row r."""
+        b = r // k
+        i = tl.load(ci + b * length + q, mask=mask, other=0)
+        j = tl.load(cj + b * length + q, mask=mask, other=0)
+        c = tl.load(cc + b * length + q, mask=mask, other=0.0)
+        row = prefix + r * (n + 1)
+        return c * (tl.load(row + i, mask=mask, other=0.0) - tl.load(row + j, mask=mask, other=0.0))
+
+    @triton.jit
+    def _tiles_before(sums, r, t, n_tiles, TILES: tl.constexpr):
+        """Sum of the tile sums of row r before tile t, always added in the same order."""
+        idx = tl.arange(0, TILES)
+        return tl.sum(tl.load(sums + r * n_tiles + idx, mask=idx < t, other=0.0), axis=0)
+
+    @triton.jit
+    def _leaf_sums_kernel(unary, order, sums, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr):
+        """Program (tile, row): the sum of the row's leaf values in the tile."""
+        t = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        p = t * BLOCK + tl.arange(0, BLOCK)
+        _, x = _leaf_values(unary, order, r, k, k_total, c0, n, p, p < n)
+        tl.store(sums + r * n_tiles + t, tl.sum(x, axis=0))
+
+    @triton.jit
+    def _prefix_kernel(unary, order, sums, prefix, n, k, k_total, c0, n_tiles, BLOCK: tl.constexpr,
+                       TILES: tl.constexpr):
+        """Program (tile, row): prefix sums P[p + 1] of the leaf values (P[0] = 0)."""
+        t = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        p = t * BLOCK + tl.arange(0, BLOCK)
+        mask = p < n
+        _, x = _leaf_values(unary, order, r, k, k_total, c0, n, p, mask)
+        row = prefix + r * (n + 1)
+        tl.store(row + p + 1, _tiles_before(sums, r, t, n_tiles, TILES) + tl.cumsum(x, axis=0), mask=mask)
+        tl.store(row + p, tl.zeros([BLOCK], tl.float64), mask=p == 0)
+
+    @triton.jit
+    def _contrib_sums_kernel(prefix, ci, cj, cc, sums, n, k, length, n_tiles, BLOCK: tl.constexpr):
+        """Program (tile, row): the sum of the row's contribution values in the tile."""
+        t = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        q = t * BLOCK + tl.arange(0, BLOCK)
+        v = _contrib_values(prefix, ci, cj, cc, r, k, n, length, q, q < length)
+        tl.store(sums + r * n_tiles + t, tl.sum(v, axis=0))
+
+    @triton.jit
+    def _contrib_scan_kernel(prefix, ci, cj, cc, dest, sums, acc, n, k, length, n_tiles, BLOCK: tl.constexpr,
+                             TILES: tl.constexpr):
+        """Program (tile, row): running sums of the row's contribution values; the one at each target
+        group's last contribution goes to acc[target] (the difference array's prefix sum there)."""
+        t = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        b = r // k
+        q = t * BLOCK + tl.arange(0, BLOCK)
+        mask = q < length
+        v = _contrib_values(prefix, ci, cj, cc, r, k, n, length, q, mask)
+        at = tl.load(dest + b * length + q, mask=mask, other=-1)
+        running = _tiles_before(sums, r, t, n_tiles, TILES) + tl.cumsum(v, axis=0)
+        tl.store(acc + r * (n + 1) + at, running, mask=mask & (at >= 0))
+
+    @triton.jit
+    def _output_kernel(unary, order, acc, scale, out, n, k, k_total, c0, BLOCK: tl.constexpr):
+        """Program (tile, row): (phi + acc) * scale at every leaf position, written at the leaf's pixel."""
+        t = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)
+        b = r // k
+        p = t * BLOCK + tl.arange(0, BLOCK)
+        mask = p < n
+        pix, x = _leaf_values(unary, order, r, k, k_total, c0, n, p, mask)
+        d = tl.load(acc + r * (n + 1) + p, mask=mask, other=0.0)
+        y = (x + d) * tl.load(scale + b * n + p, mask=mask, other=0.0)
+        tl.store(out + (b * k_total + c0 + r - b * k) * n + pix, y.to(out.dtype.element_ty), mask=mask)
 
 
-def _range_add_triton(prefix, l, m, h, a) -> torch.Tensor:
-    bsz, k, n1 = prefix.shape
-    diff = torch.zeros_like(prefix)
-    block = min(triton.next_power_of_2(n1 - 2), 1 << 16) if INTERPRETED else 1024
-    grid = (bsz * k, triton.cdiv(n1 - 2, block))
-    _range_add_kernel[grid](prefix, l, m, h, a, diff, n1 - 2, n1, k, BLOCK=block)
-    return diff
+def _propagate_rows(unary, tables, scale, out, c0: int, k: int) -> None:
+    """out[:, c0:c0+k] = (phi + sum of contributions) * scale for channels c0..c0+k of `unary` (B, K, N).
+
+    Five launches, each over (tile, image * channel): leaf tile sums, leaf prefix sums P,
+    contribution tile sums, contribution running sums (kept at each target), output. Every sum is a fixed tree of
+    additions (tl.sum / tl.cumsum within a tile, the tile sums before it in index order), so
+    the result does not depend on scheduling.
+    """
+    order, ci, cj, cc, dest = tables
+    bsz, k_total, n = unary.shape
+    length = ci.shape[1]
+    rows = bsz * k
+    dev = unary.device
+    block = _block(n)
+    tiles = triton.cdiv(n, block)
+    sums = torch.empty(rows, tiles, dtype=torch.float64, device=dev)
+    prefix = torch.empty(rows, n + 1, dtype=torch.float64, device=dev)
+    grid = (tiles, rows)
+    _leaf_sums_kernel[grid](unary, order, sums, n, k, k_total, c0, tiles, BLOCK=block)
+    _prefix_kernel[grid](unary, order, sums, prefix, n, k, k_total, c0, tiles, BLOCK=block,
+                         TILES=triton.next_power_of_2(tiles))
+    cblock = _block(length, 4096)
+    ctiles = triton.cdiv(length, cblock)
+    csums = torch.empty(rows, ctiles, dtype=torch.float64, device=dev)
+    acc = torch.empty_like(prefix)
+    cgrid = (ctiles, rows)
+    _contrib_sums_kernel[cgrid](prefix, ci, cj, cc, csums, n, k, length, ctiles, BLOCK=cblock)
+    _contrib_scan_kernel[cgrid](prefix, ci, cj, cc, dest, csums, acc, n, k, length, ctiles, BLOCK=cblock,
+                                TILES=triton.next_power_of_2(ctiles))
+    _output_kernel[grid](unary, order, acc, scale, out, n, k, k_total, c0, BLOCK=block)
 
 
-CHUNK_BYTES = 1 << 32  # float64 temporaries of one channel chunk (about 40 bytes per pixel and channel)
+CHUNK_BYTES = 1 << 32  # float64 temporaries of one channel chunk (P and acc: 16 bytes per pixel and channel)
 
 
 def propagate_triton(unary, order, lo, hi, children, altitude, zeta: float) -> torch.Tensor:
-    """Triton range-add kernel; gathers, float64 prefix sums (torch.cumsum) and the scatter in torch.
+    """Triton: per-tree contribution tables once, then deterministic scans per channel; no atomics.
 
-    The normaliser is computed once per image; channels go in chunks of at most CHUNK_BYTES of
-    temporaries, so peak memory stays near the output's size for large batches.
+    The normaliser is the same computation on a ones channel with scale 1, kept in leaf order;
+    channels go in chunks of at most CHUNK_BYTES of temporaries, so peak memory stays near the
+    output's size for large batches. Bitwise reproducible run to run.
     """
     bsz, k, n = unary.shape
     if n == 1:
         return unary.clone()
-    l, m, h = (r.contiguous() for r in node_ranges(lo, hi, children))
-    a = node_affinity(altitude, zeta).contiguous()
-    ones = torch.arange(n + 1, dtype=torch.float64, device=unary.device).expand(bsz, 1, n + 1).contiguous()
-    den = 1.0 + _range_add_triton(ones, l, m, h, a).cumsum(2)[:, :, :n]
-    out = torch.empty_like(unary, memory_format=torch.contiguous_format)
-    step = max(1, CHUNK_BYTES // (40 * bsz * n))
+    tables = contribution_tables(order, lo, hi, children, altitude, zeta)
+    ones = torch.ones(bsz, 1, n, dtype=torch.float64, device=unary.device)
+    den = torch.empty_like(ones)
+    in_leaf_order = torch.arange(n, dtype=torch.int32, device=unary.device).expand(bsz, n).contiguous()
+    _propagate_rows(ones, (in_leaf_order, *tables[1:]), ones[:, 0], den, 0, 1)
+    inv_den = den[:, 0].reciprocal()
+    phi = unary.contiguous()
+    out = torch.empty_like(phi)
+    step = max(1, CHUNK_BYTES // (16 * bsz * n))
     for c in range(0, k, step):
-        chunk = unary[:, c : c + step]
-        idx = order[:, None, :].expand(bsz, chunk.shape[1], n)
-        x = chunk.double().gather(2, idx)
-        prefix = torch.nn.functional.pad(x.cumsum(2), (1, 0))
-        y = (x + _range_add_triton(prefix, l, m, h, a).cumsum(2)[:, :, :n]) / den
-        out[:, c : c + step].scatter_(2, idx, y.to(unary.dtype))
+        _propagate_rows(phi, tables, inv_den, out, c, min(step, k - c))
     return out

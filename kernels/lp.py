@@ -447,14 +447,17 @@ if triton is not None:
         tl.store(out_ptr + b * n_ch * hw + c[:, None] * hw + p[None, :], acc, mask=c_ok[:, None] & p_ok[None, :])
 
 
+def _block(total: int, interpreted_cap: int, device_cap: int) -> int:
+    """Elements per program along one axis: few, large programs under the interpreter (its cost grows
+    with their number), `device_cap` at most on a GPU."""
+    return min(triton.next_power_of_2(total), interpreted_cap if INTERPRETED else device_cap)
+
+
 def lp_triton(unary: torch.Tensor, weights: torch.Tensor, iters: int) -> torch.Tensor:
     """Triton route: one kernel launch per iteration, ping-ponging two buffers."""
     k = _kernel_size(weights)
     b, n_ch, h, w = unary.shape
-    if INTERPRETED:  # few, large programs: the interpreter's cost grows with their number
-        block_p, block_c = min(triton.next_power_of_2(h * w), 4096), min(triton.next_power_of_2(n_ch), 64)
-    else:
-        block_p, block_c = 256, min(triton.next_power_of_2(n_ch), 8)
+    block_p, block_c = _block(h * w, 4096, 256), _block(n_ch, 64, 8)
     grid = (triton.cdiv(h * w, block_p), triton.cdiv(n_ch, block_c), b)
     src, dst = unary.contiguous().clone(), torch.empty_like(unary, memory_format=torch.contiguous_format)
     weights = weights.contiguous()

@@ -42,8 +42,17 @@ KERNELS = [
     (T._tour_kernel, dict(children=P, nxt=P, val=P, total="i32", nodes="i32", n="i32", m_edges="i32"), E),
     (T._rank_kernel, dict(nxt_in=P, val_in=P, nxt_out=P, val_out=P, total="i32"), E),
     (T._ranges_kernel, dict(val=P, lo="*i64", hi="*i64", order="*i64", total="i32", nodes="i32", n="i32"), E),
-    (gp_propagate._range_add_kernel, dict(prefix="*fp64", node_lo="*i64", node_mid="*i64", node_hi="*i64",
-                                          node_a="*fp64", diff="*fp64", m="i32", n1="i32", k="i32"), E),
+    (gp_propagate._leaf_sums_kernel, dict(unary="*fp32", order=P, sums="*fp64", n="i32", k="i32", k_total="i32",
+                                          c0="i32", n_tiles="i32"), E),
+    (gp_propagate._prefix_kernel, dict(unary="*fp32", order=P, sums="*fp64", prefix="*fp64", n="i32", k="i32",
+                                       k_total="i32", c0="i32", n_tiles="i32"), dict(TILES=256, **E)),
+    (gp_propagate._contrib_sums_kernel, dict(prefix="*fp64", ci=P, cj=P, cc="*fp64", sums="*fp64", n="i32", k="i32",
+                                             length="i32", n_tiles="i32"), dict(BLOCK=4096)),
+    (gp_propagate._contrib_scan_kernel, dict(prefix="*fp64", ci=P, cj=P, cc="*fp64", dest=P, sums="*fp64",
+                                             acc="*fp64", n="i32", k="i32", length="i32", n_tiles="i32"),
+     dict(BLOCK=4096, TILES=256)),
+    (gp_propagate._output_kernel, dict(unary="*fp32", order=P, acc="*fp64", scale="*fp64", out="*fp32", n="i32",
+                                       k="i32", k_total="i32", c0="i32"), E),
 ]
 LP = dict(y_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", n_ch="i32", h="i32", w="i32")
 KERNELS += [(lp._lp_step_kernel, LP, dict(KS=k, UNROLL=k <= lp.UNROLL_MAX, BLOCK_C=8, BLOCK_P=256)) for k in (5, 33)]
@@ -62,4 +71,4 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # compile for real, not from an earlier cache
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "compiled 15"
+    assert result.stdout.strip() == "compiled 19"
