@@ -57,7 +57,7 @@ TRIPS: dict[str, torch.Tensor] = {}  # kernel -> longest in-kernel loop per roun
 GRAPHS = True  # on CUDA, replay the build from a CUDA graph captured once per input shape
 
 _NONE_KEY = 2**63 - 1
-_LOOP_BLOCK = 256  # union-find kernels: fewer elements per thread, fewer registers (docs/kernels.md)
+_DEVICE_BLOCK = 256  # 2 elements per thread (4 warps): at most 48 registers per kernel (docs/kernels.md)
 
 
 def _block(total: int, device_block: int) -> int:
@@ -68,8 +68,8 @@ def _block(total: int, device_block: int) -> int:
     return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else device_block
 
 
-def _launch(kernel, total: int, *args, device_block: int = 1024, **meta) -> None:
-    block = _block(total, device_block)
+def _launch(kernel, total: int, *args, **meta) -> None:
+    block = _block(total, _DEVICE_BLOCK)
     kernel[(triton.cdiv(max(total, 1), block),)](*args, BLOCK=block, **meta)
     COUNTS[kernel.__name__] += 1
 
@@ -377,8 +377,8 @@ def boruvka_mst(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
         _launch(_mst_min_kernel, total_e, act[r % 2], work[r:], act[1 - r % 2], work[r + 1:], kbits, parent, best,
                 num_edges, n, width, nv, FIRST=r == 0)
         _launch(_mst_union_kernel, total_v, best, parent, flags, trips[r, 0:], work[r + 1:], total_v, num_edges, n,
-                width, nv, device_block=_LOOP_BLOCK)
-        _launch(_mst_compress_kernel, total_v, parent, trips[r, 1:], work[r + 1:], total_v, device_block=_LOOP_BLOCK)
+                width, nv)
+        _launch(_mst_compress_kernel, total_v, parent, trips[r, 1:], work[r + 1:], total_v)
     TRIPS.update(zip(["_mst_union_kernel", "_mst_compress_kernel"], trips.T))
     return flags.view(bsz, num_edges).bool()
 
@@ -410,12 +410,9 @@ def krt_children(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     total = bsz * m_edges
     for level, beta in enumerate(reversed(range(levels))):
         _launch(_krt_hook_kernel, 2 * total, labels, uf, total, m_edges, nodes, n, beta, level)
-        _launch(_krt_union_kernel, 2 * total, labels, uf, trips[level, 0:], total, m_edges, nodes, n, beta, level,
-                device_block=_LOOP_BLOCK)
-        _launch(_krt_top_kernel, total, uf, top, trips[level, 1:], total, m_edges, nodes, n, beta, level,
-                device_block=_LOOP_BLOCK)
-        _launch(_krt_relabel_kernel, 2 * total, labels, uf, top, trips[level, 2:], total, m_edges, beta, level,
-                device_block=_LOOP_BLOCK)
+        _launch(_krt_union_kernel, 2 * total, labels, uf, trips[level, 0:], total, m_edges, nodes, n, beta, level)
+        _launch(_krt_top_kernel, total, uf, top, trips[level, 1:], total, m_edges, nodes, n, beta, level)
+        _launch(_krt_relabel_kernel, 2 * total, labels, uf, top, trips[level, 2:], total, m_edges, beta, level)
     TRIPS.update(zip(["_krt_union_kernel", "_krt_top_kernel", "_krt_relabel_kernel"], trips.T))
     return labels.to(torch.int64) - base[:, :, None]
 

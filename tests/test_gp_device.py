@@ -100,3 +100,24 @@ def test_launch_counts_are_logarithmic_and_fixed():
         assert counts[kernel] == m.bit_length()
     assert counts["_rank_kernel"] == math.ceil(math.log2(2 * (2 * n - 1) - 1))
     assert counts["_tour_kernel"] == counts["_ranges_kernel"] == 1
+
+
+@pytest.mark.parametrize("order, block, shape", [("random", 2, (3, 4)), ("reversed", 4, (1, 7))])
+def test_device_tree_is_order_proof_with_small_blocks(order, block, shape):
+    """Programs shuffled or reversed, 2 or 4 elements per program, every access bounds-checked (tests/triton_harness.py).
+
+    Two images (few colours, a ramp that chains Borůvka's picks): the interpreter pays per program.
+    """
+    from triton_harness import harness
+
+    h, w = shape
+    g = guides(h, w, seed=block)[[1, 4]]
+    cpu = gp_tree.build_tree_cpu(g)
+    features = torch.randint(0, 2, (2, 2, h, w), generator=torch.Generator().manual_seed(1)).float()
+    with harness(order, seed=block, block=block):
+        device = gp_tree_triton.build_tree_triton(g)
+        again = gp_tree_triton.reweight_triton(cpu.edges, features)
+    expected_again = gp_tree.reweight_cpu(cpu.edges, features)
+    for field in gp_tree.Tree.ARRAYS:
+        assert torch.equal(getattr(device, field), getattr(cpu, field)), field
+        assert torch.equal(getattr(again, field), getattr(expected_again, field)), field
