@@ -246,6 +246,9 @@ def test_two_passes_match_the_official_gp(case):
     """Pass 1 and pass 2 (per mask, on the pass-1 map's weights over the same tree) against the transcription."""
     backend, (h, w), zeta_gl, zeta_gh = case
     names, guide = guide_batch(h, w)
+    if backend == "triton":  # interpreter cost: the two kinds where the tie order moves pass 2 most
+        keep = [names.index("three colours"), names.index("diagonal ramp")]
+        names, guide = [names[i] for i in keep], guide[keep]
     k = 3
     masks = np.stack([masks_for(h, w, k, seed) for seed in range(len(names))])
     unary = torch.from_numpy(masks).reshape(len(names), k, h, w)
