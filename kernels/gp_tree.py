@@ -256,28 +256,39 @@ MST_PASSES = 3  # 3 * 11 = 33 >= the 31 bits of a non-negative float32
 
 
 @numba.njit(cache=True)
-def _mst_grid(weight, h, w, words, tmp, union_find, src, dst, altitude):
+def _mst_grid(weight, h, w, words, tmp, union_find, horizontal, src, dst, altitude):
     """One image: the official MST of the grid, its edges in (key, id) order with their float32 weights.
 
-    words = key bits << 32 | edge id, key = fl32(weight + 1) (non-negative floats order like their
-    bits); a stable LSD radix sort of the key bits (11-bit digits, a pass skipped where every key
-    shares the digit) then Kruskal with union by size and path halving. Edge ids give their
-    endpoints by the grid's numbering, so the sort moves one 64-bit word per edge.
+    words = key bits << 32 | direction << 31 | first pixel, key = fl32(weight + 1) (non-negative
+    floats order like their bits); the low 32 bits order like the official edge id (vertical
+    edges first, then by first pixel, which grows with the id) and give both endpoints without
+    a division. A stable LSD radix sort of the key bits (11-bit digits, a pass skipped where
+    every key shares the digit), then Kruskal with union by size and path halving.
+    `horizontal` (N,) float32 scratch holds the horizontal weights by first pixel.
     """
     m = weight.shape[0]
     n = h * w
     if m == 0:
         return
-    key = np.empty(m, dtype=np.float32)
+    key = tmp.view(np.float32)[:m]  # tmp is free until the sort: the keys, as float32
     for e in range(m):
         key[e] = weight[e] + np.float32(1.0)
     bits = key.view(np.int32)
+    nv = (h - 1) * w
+    for e in range(nv):
+        words[e] = (np.int64(bits[e]) << 32) | e
+    e = nv
+    for r in range(h):
+        for c in range(w - 1):
+            p = r * w + c
+            words[e] = (np.int64(bits[e]) << 32) | (1 << 31) | p
+            horizontal[p] = weight[e]
+            e += 1
     radix = 1 << MST_DIGIT
     mask = radix - 1
     counts = np.zeros((MST_PASSES, radix), dtype=np.int64)
     for e in range(m):
-        k = np.int64(bits[e])
-        words[e] = (k << 32) | e
+        k = words[e] >> 32
         for d in range(MST_PASSES):
             counts[d, (k >> (d * MST_DIGIT)) & mask] += 1
     flips = 0
@@ -304,27 +315,21 @@ def _mst_grid(weight, h, w, words, tmp, union_find, src, dst, altitude):
     for i in range(n):
         parent[i] = i
         comp[i] = 1
-    nv = (h - 1) * w
     t = 0
     for j in range(m):
         if t == n - 1:
             break
-        e = words[j] & 0xFFFFFFFF
-        if e < nv:
-            a = e
-            b = e + w
-        else:
-            q = e - nv
-            r = q // (w - 1)
-            a = r * w + q - r * (w - 1)
-            b = a + 1
+        low = words[j] & 0xFFFFFFFF
+        a = low & 0x7FFFFFFF
+        across = low >> 31
+        b = a + 1 if across else a + w
         ra = _find(parent, a)
         rb = _find(parent, b)
         if ra == rb:
             continue
         src[t] = a
         dst[t] = b
-        altitude[t] = weight[e]
+        altitude[t] = horizontal[a] if across else weight[a]
         if comp[ra] < comp[rb]:
             ra, rb = rb, ra
         parent[rb] = ra
@@ -333,9 +338,9 @@ def _mst_grid(weight, h, w, words, tmp, union_find, src, dst, altitude):
 
 
 @numba.njit(parallel=True, cache=True)
-def _mst_batch(weight, h, w, words, union_find, src, dst, altitude):
+def _mst_batch(weight, h, w, words, union_find, horizontal, src, dst, altitude):
     for b in numba.prange(weight.shape[0]):
-        _mst_grid(weight[b], h, w, words[b, 0], words[b, 1], union_find[b], src[b], dst[b], altitude[b])
+        _mst_grid(weight[b], h, w, words[b, 0], words[b, 1], union_find[b], horizontal[b], src[b], dst[b], altitude[b])
 
 
 def mst_cpu(weight: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,7 +352,8 @@ def mst_cpu(weight: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np
     altitude = np.empty((bsz, n - 1), dtype=np.float64)
     words = np.empty((bsz, 2, m), dtype=np.int64)
     union_find = np.empty((bsz, 2, n), dtype=np.int32)
-    _mst_batch(np.ascontiguousarray(weight), height, width, words, union_find, src, dst, altitude)
+    horizontal = np.empty((bsz, n), dtype=np.float32)
+    _mst_batch(np.ascontiguousarray(weight), height, width, words, union_find, horizontal, src, dst, altitude)
     return src, dst, altitude
 
 
@@ -367,13 +373,18 @@ def _sort_edges(src, dst, bits, keys, vals, k_tmp, v_tmp):
     m = bits.shape[0]
     if m == 0:
         return
+    ordered = True
+    for e in range(m):
+        keys[e] = bits[e]
+        vals[e] = src[e] | (dst[e] << 32)
+        ordered = ordered and (e == 0 or bits[e - 1] <= bits[e])
+    if ordered:  # already in order (the MST edges of a continuous guide often are): nothing to move
+        return
     radix = 1 << RADIX_BITS
     mask = radix - 1
     counts = np.zeros((RADIX_PASSES, radix), dtype=np.int64)
     for e in range(m):
         k = bits[e]
-        keys[e] = k
-        vals[e] = src[e] | (dst[e] << 32)
         for d in range(RADIX_PASSES):
             counts[d, (k >> (d * RADIX_BITS)) & mask] += 1
     flips = 0
