@@ -43,7 +43,8 @@ class Tree:
     pixels, internal node N+t was created by the t-th MST edge in Kruskal (ascending weight) order.
 
     - edges (B, N-1, 2) int64: MST edges as pixel pairs, in Kruskal order.
-    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t.
+    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t (the
+      float32 weight for `build_tree`, the float64 one for `reweight`).
     - children (B, N-1, 2) int64: KRT ids of the two children of internal node N+t.
     - order (B, N) int64: the pixel at each position of the KRT DFS leaf order.
     - lo, hi (B, 2N-1) int64: every KRT node's leaves occupy leaf positions [lo, hi).
