@@ -486,7 +486,8 @@ def _reweight(edges: torch.Tensor, features: torch.Tensor, stage: Stage) -> Tree
     return _tree_from_mst(edges, weight, h, w, stage)
 
 
-_GRAPHS: dict[tuple, tuple] = {}  # (op, shapes, dtypes, device) -> (graph, static inputs, static Tree)
+_GRAPHS: dict[tuple, tuple] = {}  # (op, shapes, dtypes, device) -> (graph, static inputs, static Tree), oldest first
+GRAPH_LIMIT = 4  # graphs kept (each holds its memory pool): images of many sizes recapture, never pile up
 
 
 def _graphed(op, key: tuple, *inputs: torch.Tensor) -> Tree:
@@ -494,11 +495,13 @@ def _graphed(op, key: tuple, *inputs: torch.Tensor) -> Tree:
 
     Capture runs the build once on a side stream (compiling and warming every kernel), then
     records it; a later call copies its inputs into the captured ones, replays, and clones the
-    outputs (the next replay overwrites them). If capture fails, that key builds eagerly from
-    then on, after one warning.
+    outputs (the next replay overwrites them). The `GRAPH_LIMIT` most recently used keys are
+    kept. If capture fails, that key builds eagerly from then on, after one warning.
     """
-    entry = _GRAPHS.get(key)
+    entry = _GRAPHS.pop(key, None)
     if entry is None:
+        while len(_GRAPHS) >= GRAPH_LIMIT:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
         static = [x.clone() for x in inputs]
         try:
             side = torch.cuda.Stream(inputs[0].device)
@@ -513,7 +516,7 @@ def _graphed(op, key: tuple, *inputs: torch.Tensor) -> Tree:
         except RuntimeError as err:  # pragma: no cover - needs a GPU
             warnings.warn(f"gp tree build: CUDA graph capture failed ({err}); building without graphs", stacklevel=3)
             entry = (None, None, None)
-        _GRAPHS[key] = entry
+    _GRAPHS[key] = entry  # most recently used last
     graph, static, out = entry
     if graph is None:  # pragma: no cover - needs a GPU
         return op(*inputs, no_stage)
