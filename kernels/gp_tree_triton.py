@@ -36,9 +36,8 @@ Every atomic is relaxed: each is a reduction, a counter, or a compare-and-swap t
 nothing but its own word (docs/kernels.md argues each one). Lanes that do not take part in an
 atomic or a load address a valid element or are masked.
 
-Instrumentation for the benchmark: `COUNTS` (launches per kernel), `READS` (host reads, i.e.
-synchronisations; none remain) and `TRIPS` (the longest in-kernel loop of the union-find
-kernels).
+Instrumentation for the benchmark: `COUNTS` (launches per kernel) and `TRIPS` (the longest
+in-kernel loop of the union-find kernels).
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ from ._triton import INTERPRETED, tl, triton
 from .gp_tree import Stage, Tree, grid_edges, grid_weights, mst_keys, no_stage, pair_weights
 
 COUNTS: collections.Counter = collections.Counter()  # kernel name -> launches
-READS: collections.Counter = collections.Counter()  # host reads of device values (synchronisations)
 TRIPS: dict[str, torch.Tensor] = {}  # kernel -> longest in-kernel loop per round / level, last build (device)
 GRAPHS = True  # on CUDA, replay the build from a CUDA graph captured once per input shape
 
