@@ -1,20 +1,27 @@
-"""GP tree build on the CPU: the minimum spanning tree (MST) of a weighted edge list and its Kruskal reconstruction tree (KRT).
+"""GP tree build on the CPU: the minimum spanning tree (MST) of the pixel grid and its Kruskal reconstruction tree (KRT).
 
 Every tree-build implementation (this module's reference and numba path, `gp_tree_triton`)
 returns the same `Tree` for one batch of images; docs/kernels.md explains the algorithms and
 how they are checked against each other.
 
-Edges are ordered by (weight, position in the input edge list): ties are broken by the
-input order, so every implementation finds the same MST and builds the same KRT. Node ids:
-leaves 0..N-1 are the pixels (row-major); internal node N+t is created by the t-th MST edge
-in that order (the t-th successful union of Kruskal's algorithm). Its children are the KRT
-nodes standing for the components of the edge's first and second endpoint, in that order,
-and the DFS that visits first children first lays every node's leaves out in one contiguous
-range [lo, hi) of the leaf order.
+The tree follows the official APro MST (CircleRadon/APro, `apro/gp_cuda/mst/mst.py` and
+`boruvka.cpp`), so that a second pass, which reuses the topology, sees the official tree on
+images with ties. Grid edge e is numbered as the official `_build_matrix_index`: the vertical
+edges first (row-major), then the horizontal ones. Its weight w_e is the squared distance of
+the guide vectors in float32, channels summed in order (the official `norm2_distance` on a
+float32 guide); the MST is the unique one for the order (fl32(w_e + 1), e): the official
+Borůvka compares the weights plus one in float32 and keeps the lowest index among ties.
+The MST edges are then put in Kruskal order (w_e, e) and their weights are the altitudes
+(exactly the weights the official `gp_process.cu` sorts and propagates with).
+Node ids: leaves 0..N-1 are the pixels (row-major); internal node N+t is created by the t-th
+MST edge in that order (the t-th successful union of Kruskal's algorithm). Its children are
+the KRT nodes standing for the components of the edge's first and second endpoint, in that
+order, and the DFS that visits first children first lays every node's leaves out in one
+contiguous range [lo, hi) of the leaf order.
 
 Ops (one signature per op across backends):
-    build_tree(guide (B, C, H, W)) -> Tree      MST of the 4-connected grid, squared L2 weights
-    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> Tree   same edges, new weights
+    build_tree(guide (B, C, H, W)) -> Tree      official MST of the 4-connected grid, float32 squared L2 weights
+    reweight(edges (B, N-1, 2), features (B, D, H, W)) -> Tree   same edges, float64 weights, order (weight, position)
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ class Tree:
     pixels, internal node N+t was created by the t-th MST edge in Kruskal (ascending weight) order.
 
     - edges (B, N-1, 2) int64: MST edges as pixel pairs, in Kruskal order.
-    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t.
+    - altitude (B, N-1) float64: weight of each MST edge = altitude of internal node N+t (the
+      float32 weight for `build_tree`, the float64 one for `reweight`).
     - children (B, N-1, 2) int64: KRT ids of the two children of internal node N+t.
     - order (B, N) int64: the pixel at each position of the KRT DFS leaf order.
     - lo, hi (B, 2N-1) int64: every KRT node's leaves occupy leaf positions [lo, hi).
@@ -79,26 +87,32 @@ def no_stage(name: str) -> contextlib.AbstractContextManager:
 
 
 def grid_edges(height: int, width: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Endpoints (src, dst) of the 4-connected grid: all horizontal edges, then all vertical ones; src < dst."""
+    """Endpoints (src, dst) of the 4-connected grid in the official order: all vertical edges, then all horizontal ones; src < dst."""
     idx = torch.arange(height * width, device=device).reshape(height, width)
-    src = torch.cat([idx[:, :-1].reshape(-1), idx[:-1, :].reshape(-1)])
-    dst = torch.cat([idx[:, 1:].reshape(-1), idx[1:, :].reshape(-1)])
+    src = torch.cat([idx[:-1, :].reshape(-1), idx[:, :-1].reshape(-1)])
+    dst = torch.cat([idx[1:, :].reshape(-1), idx[:, 1:].reshape(-1)])
     return src, dst
 
 
-def grid_weights(guide: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """Squared Euclidean distance of guide vectors (B, C, H, W) across every grid edge -> (B, E) float64.
+def grid_weights(guide: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distance of guide vectors (B, C, H, W) across every grid edge -> (B, E) float32.
 
-    Edge order matches `grid_edges`. Channels are summed in chunks so memory stays O(N * chunk).
+    Edge order matches `grid_edges`. float32 throughout, channels added one after the other
+    (no fused multiply-add), as the official `norm2_distance` on a float32 guide.
     """
     b, c, h, w = guide.shape
-    horiz = torch.zeros(b, h, max(w - 1, 0), dtype=torch.float64, device=guide.device)
-    vert = torch.zeros(b, max(h - 1, 0), w, dtype=torch.float64, device=guide.device)
-    for start in range(0, c, chunk):
-        g = guide[:, start : start + chunk].double()
-        horiz += (g[:, :, :, 1:] - g[:, :, :, :-1]).square().sum(1)
-        vert += (g[:, :, 1:, :] - g[:, :, :-1, :]).square().sum(1)
-    return torch.cat([horiz.reshape(b, -1), vert.reshape(b, -1)], dim=1)
+    g = guide.float()
+    vert = torch.zeros(b, max(h - 1, 0), w, device=guide.device)
+    horiz = torch.zeros(b, h, max(w - 1, 0), device=guide.device)
+    for ch in range(c):
+        vert = vert + (g[:, ch, 1:, :] - g[:, ch, :-1, :]).square()
+        horiz = horiz + (g[:, ch, :, 1:] - g[:, ch, :, :-1]).square()
+    return torch.cat([vert.reshape(b, -1), horiz.reshape(b, -1)], dim=1)
+
+
+def mst_keys(weight: torch.Tensor) -> torch.Tensor:
+    """The official MST's comparison key of float32 weights: fl32(w + 1)."""
+    return weight + torch.ones((), dtype=torch.float32, device=weight.device)
 
 
 def pair_weights(features: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -180,11 +194,22 @@ def _tree_reference(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, 
     return Tree(height, width, edges, weight.gather(1, accepted), children, leaf_order(lo, n), lo, lo + size)
 
 
+def mst_reference(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Grid edge ids (B, N-1) of every image's official MST, in (key, id) order: stable sort, plain-Python Kruskal."""
+    src, dst = grid_edges(height, width, weight.device)
+    perm = torch.sort(mst_keys(weight), dim=1, stable=True)[1]
+    s, d = src[perm].cpu().numpy(), dst[perm].cpu().numpy()
+    accepted = [torch.from_numpy(kruskal_reference(s[b], d[b], height * width)[0]) for b in range(s.shape[0])]
+    return perm.gather(1, torch.stack(accepted).to(perm.device))
+
+
 def build_tree_reference(guide: torch.Tensor) -> Tree:
-    """torch backend: grid weights in torch, stable sort, plain-Python Kruskal."""
+    """torch backend: float32 grid weights, official MST, then the KRT of its edges in (weight, id) order."""
     bsz, _, h, w = guide.shape
     src, dst = grid_edges(h, w, guide.device)
-    return _tree_reference(src.expand(bsz, -1), dst.expand(bsz, -1), grid_weights(guide), h, w)
+    weight = grid_weights(guide)
+    ids = mst_reference(weight, h, w).sort(dim=1)[0]  # by edge id: the stable sort below breaks ties by id
+    return _tree_reference(src[ids], dst[ids], weight.gather(1, ids).double(), h, w)
 
 
 def reweight_reference(edges: torch.Tensor, features: torch.Tensor) -> Tree:
@@ -200,31 +225,137 @@ def reweight_reference(edges: torch.Tensor, features: torch.Tensor) -> Tree:
 @numba.njit(parallel=True, cache=True)
 def _grid_weights_cpu(guide, out):
     bsz, c, h, w = guide.shape
-    nh = h * (w - 1)
+    nv = (h - 1) * w
     for row in numba.prange(bsz * h):  # image rows in parallel: a batch of one still uses every thread
         b = row // h
         r = row % h
         for col in range(w):
-            if col + 1 < w:
-                acc = 0.0
-                for ch in range(c):
-                    d = np.float64(guide[b, ch, r, col + 1]) - np.float64(guide[b, ch, r, col])
-                    acc += d * d
-                out[b, r * (w - 1) + col] = acc
             if r + 1 < h:
-                acc = 0.0
+                acc = np.float32(0.0)
                 for ch in range(c):
-                    d = np.float64(guide[b, ch, r + 1, col]) - np.float64(guide[b, ch, r, col])
+                    d = guide[b, ch, r + 1, col] - guide[b, ch, r, col]
                     acc += d * d
-                out[b, nh + r * w + col] = acc
+                out[b, r * w + col] = acc
+            if col + 1 < w:
+                acc = np.float32(0.0)
+                for ch in range(c):
+                    d = guide[b, ch, r, col + 1] - guide[b, ch, r, col]
+                    acc += d * d
+                out[b, nv + r * (w - 1) + col] = acc
 
 
 def grid_weights_cpu(guide: np.ndarray) -> np.ndarray:
-    """numba version of `grid_weights` for a float32/float64 array (B, C, H, W): one pass, no temporaries."""
+    """numba version of `grid_weights` (float32, same rounding: numba contracts no multiply-add) -> (B, E) float32."""
     bsz, _, h, w = guide.shape
-    out = np.empty((bsz, h * (w - 1) + (h - 1) * w), dtype=np.float64)
-    _grid_weights_cpu(np.ascontiguousarray(guide), out)
+    out = np.empty((bsz, h * (w - 1) + (h - 1) * w), dtype=np.float32)
+    _grid_weights_cpu(np.ascontiguousarray(guide, dtype=np.float32), out)
     return out
+
+
+MST_DIGIT = 11
+MST_PASSES = 3  # 3 * 11 = 33 >= the 31 bits of a non-negative float32
+
+
+@numba.njit(cache=True)
+def _mst_grid(weight, h, w, words, tmp, union_find, horizontal, src, dst, altitude):
+    """One image: the official MST of the grid, its edges in (key, id) order with their float32 weights.
+
+    words = key bits << 32 | direction << 31 | first pixel, key = fl32(weight + 1) (non-negative
+    floats order like their bits); the low 32 bits order like the official edge id (vertical
+    edges first, then by first pixel, which grows with the id) and give both endpoints without
+    a division. A stable LSD radix sort of the key bits (11-bit digits, a pass skipped where
+    every key shares the digit), then Kruskal with union by size and path halving.
+    `horizontal` (N,) float32 scratch holds the horizontal weights by first pixel.
+    """
+    m = weight.shape[0]
+    n = h * w
+    if m == 0:
+        return
+    key = tmp.view(np.float32)[:m]  # tmp is free until the sort: the keys, as float32
+    for e in range(m):
+        key[e] = weight[e] + np.float32(1.0)
+    bits = key.view(np.int32)
+    nv = (h - 1) * w
+    for e in range(nv):
+        words[e] = (np.int64(bits[e]) << 32) | e
+    e = nv
+    for r in range(h):
+        for c in range(w - 1):
+            p = r * w + c
+            words[e] = (np.int64(bits[e]) << 32) | (1 << 31) | p
+            horizontal[p] = weight[e]
+            e += 1
+    radix = 1 << MST_DIGIT
+    mask = radix - 1
+    counts = np.zeros((MST_PASSES, radix), dtype=np.int64)
+    for e in range(m):
+        k = words[e] >> 32
+        for d in range(MST_PASSES):
+            counts[d, (k >> (d * MST_DIGIT)) & mask] += 1
+    flips = 0
+    for d in range(MST_PASSES):
+        shift = 32 + d * MST_DIGIT
+        c = counts[d]
+        if c[(words[0] >> shift) & mask] == m:
+            continue
+        acc = 0
+        for j in range(radix):
+            cj = c[j]
+            c[j] = acc
+            acc += cj
+        sw, dw = (words, tmp) if flips % 2 == 0 else (tmp, words)
+        for e in range(m):
+            x = sw[e]
+            j = (x >> shift) & mask
+            dw[c[j]] = x
+            c[j] += 1
+        flips += 1
+    if flips % 2 == 1:
+        words[:] = tmp
+    parent, comp = union_find[0], union_find[1]
+    for i in range(n):
+        parent[i] = i
+        comp[i] = 1
+    t = 0
+    for j in range(m):
+        if t == n - 1:
+            break
+        low = words[j] & 0xFFFFFFFF
+        a = low & 0x7FFFFFFF
+        across = low >> 31
+        b = a + 1 if across else a + w
+        ra = _find(parent, a)
+        rb = _find(parent, b)
+        if ra == rb:
+            continue
+        src[t] = a
+        dst[t] = b
+        altitude[t] = horizontal[a] if across else weight[a]
+        if comp[ra] < comp[rb]:
+            ra, rb = rb, ra
+        parent[rb] = ra
+        comp[ra] += comp[rb]
+        t += 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _mst_batch(weight, h, w, words, union_find, horizontal, src, dst, altitude):
+    for b in numba.prange(weight.shape[0]):
+        _mst_grid(weight[b], h, w, words[b, 0], words[b, 1], union_find[b], horizontal[b], src[b], dst[b], altitude[b])
+
+
+def mst_cpu(weight: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst (B, N-1) int64, weight (B, N-1) float64) of every image's official MST, in (key, id) order."""
+    bsz, m = weight.shape
+    n = height * width
+    src = np.empty((bsz, n - 1), dtype=np.int64)
+    dst = np.empty((bsz, n - 1), dtype=np.int64)
+    altitude = np.empty((bsz, n - 1), dtype=np.float64)
+    words = np.empty((bsz, 2, m), dtype=np.int64)
+    union_find = np.empty((bsz, 2, n), dtype=np.int32)
+    horizontal = np.empty((bsz, n), dtype=np.float32)
+    _mst_batch(np.ascontiguousarray(weight), height, width, words, union_find, horizontal, src, dst, altitude)
+    return src, dst, altitude
 
 
 RADIX_BITS = 13
@@ -243,13 +374,18 @@ def _sort_edges(src, dst, bits, keys, vals, k_tmp, v_tmp):
     m = bits.shape[0]
     if m == 0:
         return
+    ordered = True
+    for e in range(m):
+        keys[e] = bits[e]
+        vals[e] = src[e] | (dst[e] << 32)
+        ordered = ordered and (e == 0 or bits[e - 1] <= bits[e])
+    if ordered:  # already in order (the MST edges of a continuous guide often are): nothing to move
+        return
     radix = 1 << RADIX_BITS
     mask = radix - 1
     counts = np.zeros((RADIX_PASSES, radix), dtype=np.int64)
     for e in range(m):
         k = bits[e]
-        keys[e] = k
-        vals[e] = src[e] | (dst[e] << 32)
         for d in range(RADIX_PASSES):
             counts[d, (k >> (d * RADIX_BITS)) & mask] += 1
     flips = 0
@@ -371,9 +507,9 @@ def _ranges_batch(children, n, order, lo, hi):
 
 def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, height: int, width: int,
              stage: Stage = no_stage) -> Tree:
-    """Batched radix sort, Kruskal (MST and KRT in one pass) and leaf ranges with numba.
+    """KRT of given spanning-tree edges: batched stable radix sort by weight, Kruskal and leaf ranges with numba.
 
-    src/dst (B, E) int64 edges in any order (a broadcast view is fine), weight (B, E) float64 >= 0.
+    src/dst (B, N-1) int64 tree edges, weight (B, N-1) float64 >= 0; ties keep the given order.
     N < 2**31 (endpoints are packed in one int64, union-find arrays are int32). All memory is
     allocated here by numpy, which asks for huge pages; numba's own allocations of the same
     scratch fault in 4 KiB pages and were measurably slower.
@@ -391,7 +527,7 @@ def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, height: int, 
     src, dst, weight = (np.ascontiguousarray(a) for a in (src, dst, weight))
     with stage("sort"):
         _sort_batch(src, dst, weight.view(np.int64), sort_buf)
-    with stage("mst+krt"):
+    with stage("krt"):
         _kruskal_batch(sort_buf, n, union_find, edges, altitude, children, hi)
     with stage("leaf ranges"):
         _ranges_batch(children, n, order, lo, hi)
@@ -399,15 +535,14 @@ def tree_cpu(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, height: int, 
 
 
 def build_tree_cpu(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
-    """cpu backend: numba grid weights, radix sort, Kruskal, leaf ranges (CPU tensors)."""
-    bsz, _, h, w = guide.shape
-    g = guide.detach()
-    g = (g if g.dtype in (torch.float32, torch.float64) else g.float()).numpy()
-    src, dst = (e.numpy() for e in grid_edges(h, w))
+    """cpu backend: numba float32 grid weights, official MST, then radix sort, Kruskal and leaf ranges of its edges."""
+    _, _, h, w = guide.shape
+    g = guide.detach().float().numpy()
     with stage("weights"):
         weight = grid_weights_cpu(g)
-    src, dst = np.broadcast_to(src, (bsz, src.size)), np.broadcast_to(dst, (bsz, dst.size))
-    return tree_cpu(src, dst, weight, h, w, stage)
+    with stage("mst"):
+        src, dst, altitude = mst_cpu(weight, h, w)
+    return tree_cpu(src, dst, altitude, h, w, stage)
 
 
 def reweight_cpu(edges: torch.Tensor, features: torch.Tensor) -> Tree:

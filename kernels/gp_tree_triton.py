@@ -1,19 +1,23 @@
-"""GP tree build on the GPU, parallel in every stage: Triton kernels, with torch ops for weights and sorting.
+"""GP tree build on the GPU, parallel in every stage, with no host reads: Triton kernels and torch ops.
 
-Returns exactly the `gp_tree.Tree` of the CPU path (same MST, same KRT, same leaf order).
-A batch of B images is one graph with B components (vertex b*N + x, edge b*E + e), so every
-launch covers the whole batch. Stages (docs/kernels.md gives the proofs and the counts):
+Returns exactly the `gp_tree.Tree` of the CPU path (same official MST, same KRT, same leaf
+order). A batch of B images is one graph with B components (vertex b*N + x, edge b*E + e), so
+every launch covers the whole batch. The number of launches depends only on the shape, never
+on the data, and nothing waits for the device: on CUDA the build can be captured in a CUDA
+graph (`GRAPHS`). Stages (docs/kernels.md gives the proofs and the counts):
 
-1. weights: `gp_tree.grid_weights` (torch), float64.
-2. MST, Borůvka rounds. Each component's lightest outgoing edge in the order (weight, edge id):
-   an atomic min over the weight's bits (non-negative doubles order like their bits read as
-   int64), then an atomic min over the ids of the edges at that weight (no 64-bit word holds
-   both). Every component hooks onto the component across its edge; of a mutual pair the
-   smaller root stays. Pointer jumping then sends every vertex to its new root. Components at
-   least halve per round (<= log2 N rounds); edges inside a component leave the work list.
-   With a strict total order the MST is unique, so it is the one Kruskal finds.
-3. sort: the N-1 MST edges of each image, kept in edge-id order by `masked_select`, sorted
-   with torch.sort(stable=True): ascending (weight, edge id), Kruskal's order.
+1. weights: `gp_tree.grid_weights` (torch, float32) and the official MST keys fl32(w + 1).
+2. MST, ceil(log2 N) Borůvka rounds of three launches. min: every edge between two components
+   takes an atomic min of (key bits << 32 | edge id) at both components (a non-negative float
+   orders like its bits, so one 64-bit word holds the lexicographic order) and joins the next
+   round's work list. union: every component root with a pick marks its edge as an MST edge
+   and unites the edge's endpoints in a lock-free union-find (compare-and-swap of a root under
+   a root of higher pseudo-random priority, path halving). compress: every vertex points at its
+   root. The components of every image at least halve per round, so after ceil(log2 N) rounds
+   each image is one tree; a round with no work left costs three launches that do nothing.
+   With a strict total order the MST is unique, so it is the official Borůvka's.
+3. sort: a static-size stable partition (cumsum of the MST flags, a scatter) lists each image's
+   N-1 MST edges by id; one sort of (weight bits << 32 | edge id) gives Kruskal's order.
 4. KRT children, divide and conquer over the bits of the sorted edge index t: node N+t's
    children are the top KRT nodes of its endpoints' components in the forest of edges < t.
    Levels from the highest bit down: every edge starts labelled by its endpoints (leaves);
@@ -22,59 +26,124 @@ launch covers the whole batch. Stages (docs/kernels.md gives the proofs and the 
    every edge with bit beta = 1 relabels its endpoints to their roots. After the last level
    each edge's labels are its children. One union-find serves all blocks of a level at once
    (a KRT node is the label of edges in one block per level only); its entries carry the
-   level, so no reset is needed. Hooks are lock-free (compare-and-swap, smaller root under
-   larger); finds halve paths.
+   level, so no reset is needed. Hooks are lock-free (compare-and-swap, lower priority root
+   under higher); finds halve paths.
 5. leaf ranges: the Euler tour of the KRT (enter and exit events, first child first) as a
    linked list, ranked by ceil(log2(4N)) rounds of pointer jumping with suffix sums of the
    leaf count: lo = leaves before a node's enter event, hi = leaves before its exit event.
 
-Instrumentation for the benchmark: `COUNTS` (launches per kernel), `READS` (host reads, i.e.
-synchronisations) and `TRIPS` (the longest in-kernel loop of the union-find kernels).
+Every atomic is relaxed: each is a reduction, a counter, or a compare-and-swap that publishes
+nothing but its own word (docs/kernels.md argues each one). Lanes that do not take part in an
+atomic or a load address a valid element or are masked.
+
+Instrumentation for the benchmark: `COUNTS` (launches per kernel) and `TRIPS` (the longest
+in-kernel loop of the union-find kernels).
 """
 
 from __future__ import annotations
 
 import collections
+import warnings
 
 import torch
 
 from ._triton import INTERPRETED, tl, triton
-from .gp_tree import Stage, Tree, grid_edges, grid_weights, no_stage, pair_weights
+from .gp_tree import Stage, Tree, grid_edges, grid_weights, mst_keys, no_stage, pair_weights
 
 COUNTS: collections.Counter = collections.Counter()  # kernel name -> launches
-READS: collections.Counter = collections.Counter()  # host reads of device values (synchronisations)
-TRIPS: dict[str, torch.Tensor] = {}  # kernel -> longest in-kernel loop per level, last KRT build (device)
+TRIPS: dict[str, torch.Tensor] = {}  # kernel -> longest in-kernel loop per round / level, last build (device)
+GRAPHS = True  # on CUDA, replay the build from a CUDA graph captured once per input shape
 
-JUMP_STEPS = 4  # pointer-jumping steps per launch: one host read per launch checks convergence
-_NONE_EDGE = 2**31 - 1
-_NONE_WEIGHT = 2**63 - 1
+_NONE_KEY = 2**63 - 1
+_DEVICE_BLOCK = 256  # 2 elements per thread (4 warps): at most 48 registers per kernel (docs/kernels.md)
 
 
-def _block(total: int) -> int:
-    """Elements per program: 1024 on a GPU; under the interpreter as few programs as possible."""
-    return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else 1024
+def _block(total: int, device_block: int) -> int:
+    """Elements per program: `device_block` on a GPU, under the interpreter as few programs as possible.
+
+    tests/triton_harness.py replaces this function to run every launch with small blocks.
+    """
+    return min(triton.next_power_of_2(max(total, 1)), 1 << 16) if INTERPRETED else device_block
 
 
 def _launch(kernel, total: int, *args, **meta) -> None:
-    block = _block(total)
+    block = _block(total, _DEVICE_BLOCK)
     kernel[(triton.cdiv(max(total, 1), block),)](*args, BLOCK=block, **meta)
     COUNTS[kernel.__name__] += 1
 
 
-def _read(x: torch.Tensor) -> list:
-    READS["reads"] += 1
-    return x.tolist()
+def rounds_for(n: int) -> int:
+    """Borůvka rounds that join any N vertices: ceil(log2 N), components at least halve per round."""
+    return max(1, (n - 1).bit_length())
 
 
 if triton is not None:
 
     # ------------------------------------------------------------------------------------------
-    # MST: Borůvka rounds
+    # MST: Borůvka rounds over a lock-free union-find
 
     @triton.jit
-    def _mst_min_kernel(act_in, n_in, act_out, n_out, src, dst, wbits, comp, best_w, num_edges, n,
+    def _endpoints(e, w, nv):
+        """Pixels of grid edge e (official numbering: nv vertical edges first, then horizontal)."""
+        q = e - nv
+        r = q // tl.maximum(w - 1, 1)
+        vertical = e < nv
+        return tl.where(vertical, e, q + r), tl.where(vertical, e + w, q + r + 1)
+
+    @triton.jit
+    def _priority(x):
+        """Knuth's multiplicative hash, a bijection on 32-bit ids: roots are linked in a pseudo-random order."""
+        return (x.to(tl.int64) * 2654435761) & 0xFFFFFFFF
+
+    @triton.jit
+    def _find(parent, x, go):
+        """Roots of x (lanes go) with path halving on int32 parent entries; returns (roots, loop trips)."""
+        trips = tl.zeros((), tl.int32)
+        while tl.max(go.to(tl.int32), axis=0) > 0:
+            p = tl.load(parent + x, mask=go, other=0, volatile=True)
+            go = go & (p != x)
+            g = tl.load(parent + p, mask=go, other=0, volatile=True)
+            tl.store(parent + x, g, mask=go & (g != p))
+            x = tl.where(go, g, x)
+            trips += 1
+        return x, trips
+
+    @triton.jit
+    def _link(parent, a, b, go):
+        """Unite the sets of a and b (lanes go; a = b = 0 elsewhere); returns the loop trips.
+
+        Both climb with path halving; where both are roots, the lower-priority root is hooked
+        under the other by a compare-and-swap expecting it to be a root still; a lane whose CAS
+        lost climbs on. Lanes not trying CAS their own valid entry with an impossible expected
+        value (-1), so nothing is written and no address is out of bounds.
+        """
+        trips = tl.zeros((), tl.int32)
+        while tl.max(go.to(tl.int32), axis=0) > 0:
+            pa = tl.load(parent + a, mask=go, other=0, volatile=True)
+            pb = tl.load(parent + b, mask=go, other=0, volatile=True)
+            roots = go & (pa == a) & (pb == b)
+            go = go & ~(roots & (a == b))
+            try_ = roots & (a != b)
+            a_low = _priority(a) < _priority(b)
+            low = tl.where(a_low, a, b)
+            old = tl.atomic_cas(parent + tl.where(try_, low, a), tl.where(try_, low, -1),
+                                tl.where(try_, tl.where(a_low, b, a), -1), sem="relaxed")
+            go = go & ~(try_ & (old == low))
+            ma = go & (pa != a)
+            mb = go & (pb != b)
+            ga = tl.load(parent + pa, mask=ma, other=0, volatile=True)
+            gb = tl.load(parent + pb, mask=mb, other=0, volatile=True)
+            tl.store(parent + a, ga, mask=ma & (ga != pa))
+            tl.store(parent + b, gb, mask=mb & (gb != pb))
+            a = tl.where(ma, ga, a)
+            b = tl.where(mb, gb, b)
+            trips += 1
+        return trips
+
+    @triton.jit
+    def _mst_min_kernel(act_in, n_in, act_out, n_out, kbits, parent, best, num_edges, n, w, nv,
                         FIRST: tl.constexpr, BLOCK: tl.constexpr):
-        """Edges between components: atomic min of the weight bits at both components; compact them."""
+        """Edges between components: atomic min of (key bits << 32 | id) at both components; compact them."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < tl.load(n_in)
         if FIRST:
@@ -83,134 +152,97 @@ if triton is not None:
             ge = tl.load(act_in + offs, mask=mask, other=0).to(tl.int64)
         b = ge // num_edges
         e = ge - b * num_edges
-        cu = tl.load(comp + b * n + tl.load(src + e, mask=mask, other=0), mask=mask, other=0)
-        cv = tl.load(comp + b * n + tl.load(dst + e, mask=mask, other=0), mask=mask, other=0)
+        u, v = _endpoints(e, w, nv)
+        cu = tl.load(parent + b * n + u, mask=mask, other=0)
+        cv = tl.load(parent + b * n + v, mask=mask, other=0)
         alive = mask & (cu != cv)
-        w = tl.load(wbits + ge, mask=alive, other=0)
-        tl.atomic_min(best_w + cu, w, mask=alive)
-        tl.atomic_min(best_w + cv, w, mask=alive)
+        key = (tl.load(kbits + ge, mask=alive, other=0).to(tl.int64) << 32) | e
+        tl.atomic_min(best + cu, key, mask=alive, sem="relaxed")
+        tl.atomic_min(best + cv, key, mask=alive, sem="relaxed")
         keep = alive.to(tl.int32)
-        base = tl.atomic_add(n_out, tl.sum(keep, axis=0))
+        base = tl.atomic_add(n_out, tl.sum(keep, axis=0), sem="relaxed")
         tl.store(act_out + base + tl.cumsum(keep, axis=0) - keep, ge.to(tl.int32), mask=alive)
 
     @triton.jit
-    def _mst_pick_kernel(act, n_act, src, dst, wbits, comp, best_w, best_e, num_edges, n, BLOCK: tl.constexpr):
-        """Among the edges at a component's lightest weight, the smallest edge id (atomic min)."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < tl.load(n_act)
-        ge = tl.load(act + offs, mask=mask, other=0)
-        g64 = ge.to(tl.int64)
-        b = g64 // num_edges
-        e = g64 - b * num_edges
-        cu = tl.load(comp + b * n + tl.load(src + e, mask=mask, other=0), mask=mask, other=0)
-        cv = tl.load(comp + b * n + tl.load(dst + e, mask=mask, other=0), mask=mask, other=0)
-        w = tl.load(wbits + g64, mask=mask, other=0)
-        tl.atomic_min(best_e + cu, ge, mask=mask & (w == tl.load(best_w + cu, mask=mask, other=0)))
-        tl.atomic_min(best_e + cv, ge, mask=mask & (w == tl.load(best_w + cv, mask=mask, other=0)))
+    def _mst_union_kernel(best, parent, flags, trips, n_alive, total, num_edges, n, w, nv, BLOCK: tl.constexpr):
+        """Every component with a pick marks its edge and unites the edge's endpoints; picks are reset."""
+        x = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = (x < total) & (tl.load(n_alive) > 0)
+        key = tl.load(best + x, mask=mask, other=9223372036854775807)
+        has = key != 9223372036854775807
+        tl.store(best + x, tl.full([BLOCK], 9223372036854775807, tl.int64), mask=has)
+        e = key & 0xFFFFFFFF
+        b = x // n
+        u, v = _endpoints(e, w, nv)
+        tl.store(flags + b * num_edges + e, tl.full([BLOCK], 1, tl.int8), mask=has)
+        base = b * n
+        k = _link(parent, tl.where(has, base + u, 0).to(tl.int32), tl.where(has, base + v, 0).to(tl.int32), has)
+        tl.atomic_max(trips, k, sem="relaxed")
 
     @triton.jit
-    def _mst_hook_kernel(comp, best_e, src, dst, nxt, mst, n_hooks, total, num_edges, n, BLOCK: tl.constexpr):
-        """Every root with an edge hooks onto the other side (the smaller root of a mutual pair stays).
-
-        nxt gets each vertex's new parent: its current root, or for a root, the root it hooks on.
-        """
+    def _mst_compress_kernel(parent, trips, n_alive, total, BLOCK: tl.constexpr):
+        """Every vertex points at its root (the next round reads components in one load)."""
         x = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = x < total
-        c = tl.load(comp + x, mask=mask, other=0)
-        root = mask & (c == x)
-        ge = tl.load(best_e + x, mask=root, other=2147483647)
-        has = root & (ge != 2147483647)
-        g64 = ge.to(tl.int64)
-        b = g64 // num_edges
-        e = g64 - b * num_edges
-        cu = tl.load(comp + b * n + tl.load(src + e, mask=has, other=0), mask=has, other=0)
-        cv = tl.load(comp + b * n + tl.load(dst + e, mask=has, other=0), mask=has, other=0)
-        other = cu.to(tl.int64) + cv - x
-        mutual = tl.load(best_e + other, mask=has, other=-1) == ge
-        hook = has & ~(mutual & (x < other))
-        tl.store(nxt + x, tl.where(hook, other, c).to(tl.int32), mask=mask)
-        tl.store(mst + g64, tl.full([BLOCK], 1, tl.int8), mask=has)
-        tl.atomic_add(n_hooks, tl.sum(hook.to(tl.int32), axis=0))
-
-    @triton.jit
-    def _jump_kernel(parent, changed, total, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-        """STEPS pointer-jumping steps in place: parent[x] <- parent[parent[x]].
-
-        Every write replaces a pointer by one of its ancestors, so other lanes' concurrent reads
-        stay correct and only speed this up; a launch in which no pointer moved means converged.
-        """
-        x = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = x < total
-        p = tl.load(parent + x, mask=mask, other=0)
-        moved = tl.zeros([BLOCK], tl.int32)
-        for _ in tl.static_range(STEPS):
-            gp = tl.load(parent + p, mask=mask, other=0, volatile=True)
-            step = mask & (gp != p)
-            tl.store(parent + x, gp, mask=step)
-            moved += step.to(tl.int32)
-            p = gp
-        tl.atomic_add(changed, tl.sum(moved, axis=0))
+        mask = (x < total) & (tl.load(n_alive) > 0)
+        root, k = _find(parent, tl.where(mask, x, 0).to(tl.int32), mask)
+        tl.store(parent + x, root, mask=mask)
+        tl.atomic_max(trips, k, sem="relaxed")
 
     # ------------------------------------------------------------------------------------------
     # KRT: union-find with level-stamped entries (level << 32 | parent; other levels read as roots)
 
     @triton.jit
-    def _uf_union(uf, a, b, level, active):
-        """Join the sets of a and b (active lanes); returns the loop trips.
+    def _uf_union(uf, a, b, level, go):
+        """Join the sets of a and b (lanes go; a = b = 0 elsewhere); returns the loop trips.
 
         One loop climbs from a and b with path halving (stamped entries of other levels read
         as roots) and, where both are roots, hooks the lower-priority root under the other by
-        CAS; a lane whose CAS lost simply climbs on. Priority = Knuth's multiplicative hash, a
-        bijection on 32-bit ids: linking in a pseudo-random order keeps the trees shallow
-        (linking by id made chains as long as the rank-increasing paths of a component). The
-        loop calls no other jit function: the interpreter pays for every nested call.
+        CAS; a lane whose CAS lost simply climbs on. Linking in a pseudo-random order keeps the
+        trees shallow (linking by id made chains as long as the rank-increasing paths of a
+        component). Lanes not trying CAS their own valid entry expecting -2, which no entry
+        holds: nothing is written and no address is out of bounds. The loop calls no other jit
+        function: the interpreter pays for every nested call.
         """
-        go = active
         trips = tl.zeros((), tl.int32)
         while tl.max(go.to(tl.int32), axis=0) > 0:
             ea = tl.load(uf + a, mask=go, other=-1, volatile=True)
             eb = tl.load(uf + b, mask=go, other=-1, volatile=True)
-            pa = tl.where(go & ((ea >> 32) == level), ea & 0xFFFFFFFF, a)
-            pb = tl.where(go & ((eb >> 32) == level), eb & 0xFFFFFFFF, b)
+            pa = tl.where((ea >> 32) == level, ea & 0xFFFFFFFF, a)
+            pb = tl.where((eb >> 32) == level, eb & 0xFFFFFFFF, b)
             roots = go & (pa == a) & (pb == b)
+            go = go & ~(roots & (a == b))
             try_ = roots & (a != b)
             a_low = ((a * 2654435761) & 0xFFFFFFFF) < ((b * 2654435761) & 0xFFFFFFFF)
-            low = tl.where(try_, tl.where(a_low, a, b), a)  # lanes not trying: their own entry, no contention
-            cur = tl.where(try_, tl.where(a_low, ea, eb), -2)  # -2: no entry holds it, so no write
-            old = tl.atomic_cas(uf + low, cur, tl.where(try_, (level << 32) | tl.where(a_low, b, a), -2))
-            go = go & ~(roots & ((a == b) | (old == cur)))
-            ga = tl.load(uf + pa, mask=go & (pa != a), other=-1, volatile=True)
-            gb = tl.load(uf + pb, mask=go & (pb != b), other=-1, volatile=True)
+            old = tl.atomic_cas(uf + tl.where(try_, tl.where(a_low, a, b), a), tl.where(try_, tl.where(a_low, ea, eb), -2),
+                                tl.where(try_, (level << 32) | tl.where(a_low, b, a), -2), sem="relaxed")
+            go = go & ~(try_ & (old == tl.where(a_low, ea, eb)))
+            ma = go & (pa != a)
+            mb = go & (pb != b)
+            ga = tl.load(uf + pa, mask=ma, other=-1, volatile=True)
+            gb = tl.load(uf + pb, mask=mb, other=-1, volatile=True)
             ga = tl.where((ga >> 32) == level, ga & 0xFFFFFFFF, pa)
             gb = tl.where((gb >> 32) == level, gb & 0xFFFFFFFF, pb)
-            tl.store(uf + a, (level << 32) | ga, mask=go & (pa != a) & (ga != pa))
-            tl.store(uf + b, (level << 32) | gb, mask=go & (pb != b) & (gb != pb))
-            a = tl.where(go & (pa != a), ga, a)
-            b = tl.where(go & (pb != b), gb, b)
+            tl.store(uf + a, (level << 32) | ga, mask=ma & (ga != pa))
+            tl.store(uf + b, (level << 32) | gb, mask=mb & (gb != pb))
+            a = tl.where(ma, ga, a)
+            b = tl.where(mb, gb, b)
             trips += 1
         return trips
 
     @triton.jit
-    def _uf_find2(uf, a, b, level, go_a, go_b):
-        """Roots of a and b (lanes go_a / go_b) with path halving; returns (root a, root b, loop trips)."""
+    def _uf_find(uf, a, level, go):
+        """Roots of a (lanes go) with path halving; returns (roots, loop trips)."""
         trips = tl.zeros((), tl.int32)
-        while tl.max((go_a | go_b).to(tl.int32), axis=0) > 0:
-            ea = tl.load(uf + a, mask=go_a, other=-1, volatile=True)
-            eb = tl.load(uf + b, mask=go_b, other=-1, volatile=True)
+        while tl.max(go.to(tl.int32), axis=0) > 0:
+            ea = tl.load(uf + a, mask=go, other=-1, volatile=True)
             pa = tl.where((ea >> 32) == level, ea & 0xFFFFFFFF, a)
-            pb = tl.where((eb >> 32) == level, eb & 0xFFFFFFFF, b)
-            go_a = go_a & (pa != a)
-            go_b = go_b & (pb != b)
-            ga = tl.load(uf + pa, mask=go_a, other=-1, volatile=True)
-            gb = tl.load(uf + pb, mask=go_b, other=-1, volatile=True)
+            go = go & (pa != a)
+            ga = tl.load(uf + pa, mask=go, other=-1, volatile=True)
             ga = tl.where((ga >> 32) == level, ga & 0xFFFFFFFF, pa)
-            gb = tl.where((gb >> 32) == level, gb & 0xFFFFFFFF, pb)
-            tl.store(uf + a, (level << 32) | ga, mask=go_a & (ga != pa))
-            tl.store(uf + b, (level << 32) | gb, mask=go_b & (gb != pb))
-            a = tl.where(go_a, ga, a)
-            b = tl.where(go_b, gb, b)
+            tl.store(uf + a, (level << 32) | ga, mask=go & (ga != pa))
+            a = tl.where(go, ga, a)
             trips += 1
-        return a, b, trips
+        return a, trips
 
     @triton.jit
     def _krt_left(t, m_edges, beta):
@@ -230,7 +262,7 @@ if triton is not None:
         t = i - b * m_edges
         left = (h < 2 * total) & _krt_left(t, m_edges, beta)
         label = tl.load(labels + h, mask=left, other=0)
-        tl.atomic_max(uf + label, (level.to(tl.int64) << 32) | (b * nodes + n + t), mask=left)
+        tl.atomic_max(uf + label, (level.to(tl.int64) << 32) | (b * nodes + n + t), mask=left, sem="relaxed")
 
     @triton.jit(do_not_specialize=["beta", "level"])
     def _krt_union_kernel(labels, uf, trips, total, m_edges, nodes, n, beta, level, BLOCK: tl.constexpr):
@@ -240,9 +272,11 @@ if triton is not None:
         b = i // m_edges
         t = i - b * m_edges
         left = (h < 2 * total) & _krt_left(t, m_edges, beta)
-        node = b * nodes + n + t
-        top = tl.load(uf + tl.load(labels + h, mask=left, other=0), mask=left, other=-1, volatile=True) & 0xFFFFFFFF
-        tl.atomic_max(trips, _uf_union(uf, node, top, level.to(tl.int64), left & (top != node)))
+        node = tl.where(left, b * nodes + n + t, 0)
+        top = tl.load(uf + tl.load(labels + h, mask=left, other=0), mask=left, other=0, volatile=True) & 0xFFFFFFFF
+        go = left & (top != node)
+        k = _uf_union(uf, tl.where(go, node, 0), tl.where(go, top, 0), level.to(tl.int64), go)
+        tl.atomic_max(trips, k, sem="relaxed")
 
     @triton.jit(do_not_specialize=["beta", "level"])
     def _krt_top_kernel(uf, top, trips, total, m_edges, nodes, n, beta, level, BLOCK: tl.constexpr):
@@ -252,26 +286,26 @@ if triton is not None:
         t = i - b * m_edges
         left = (i < total) & _krt_left(t, m_edges, beta)
         lvl = level.to(tl.int64)
-        node = b * nodes + n + t
-        root, _, k = _uf_find2(uf, node, node, lvl, left, tl.zeros_like(left))
-        tl.atomic_max(top + root, (lvl << 32) | node, mask=left)
-        tl.atomic_max(trips, k)
+        node = tl.where(left, b * nodes + n + t, 0)
+        root, k = _uf_find(uf, node, lvl, left)
+        tl.atomic_max(top + root, (lvl << 32) | node, mask=left, sem="relaxed")
+        tl.atomic_max(trips, k, sem="relaxed")
 
     @triton.jit(do_not_specialize=["beta", "level"])
     def _krt_relabel_kernel(labels, uf, top, trips, total, m_edges, beta, level, BLOCK: tl.constexpr):
-        """Edges with bit beta = 1 take the tops of their endpoints' components in the left half as labels."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        t = i % m_edges
-        right = (i < total) & (((t >> beta) & 1) == 1)
+        """Endpoint labels of edges with bit beta = 1 become the tops of their components in the left half.
+
+        Lane = half edge (edge i, endpoint j): one find per lane.
+        """
+        h = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        t = (h // 2) % m_edges
+        right = (h < 2 * total) & (((t >> beta) & 1) == 1)
         lvl = level.to(tl.int64)
-        a = tl.load(labels + 2 * i, mask=right, other=0).to(tl.int64)
-        b = tl.load(labels + 2 * i + 1, mask=right, other=0).to(tl.int64)
-        ra, rb, k = _uf_find2(uf, a, b, lvl, right, right)
-        ta = tl.load(top + ra, mask=right, other=-1)
-        tb = tl.load(top + rb, mask=right, other=-1)
-        tl.store(labels + 2 * i, tl.where((ta >> 32) == lvl, ta & 0xFFFFFFFF, a).to(tl.int32), mask=right)
-        tl.store(labels + 2 * i + 1, tl.where((tb >> 32) == lvl, tb & 0xFFFFFFFF, b).to(tl.int32), mask=right)
-        tl.atomic_max(trips, k)
+        a = tl.load(labels + h, mask=right, other=0).to(tl.int64)
+        root, k = _uf_find(uf, a, lvl, right)
+        above = tl.load(top + root, mask=right, other=-1)
+        tl.store(labels + h, tl.where((above >> 32) == lvl, above & 0xFFFFFFFF, a).to(tl.int32), mask=right)
+        tl.atomic_max(trips, k, sem="relaxed")
 
     # ------------------------------------------------------------------------------------------
     # leaf ranges: Euler tour ranked by pointer jumping
@@ -319,48 +353,46 @@ if triton is not None:
         tl.store(order + b * n + start, u, mask=mask & (u < n))
 
 
-def boruvka_mst(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
-    """MST membership (B, E) bool of every image's edges (src/dst (E,) shared, weight (B, E) float64 >= 0).
-
-    The graph of each image must be connected (the grid is).
-    """
+def boruvka_mst(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Official-MST membership (B, E) bool of every image's grid edges from float32 weights (B, E) (`grid_weights`)."""
     bsz, num_edges = weight.shape
+    n = height * width
     dev = weight.device
     total_v, total_e = bsz * n, bsz * num_edges
-    src32, dst32 = src.to(torch.int32).contiguous(), dst.to(torch.int32).contiguous()
-    wbits = weight.contiguous().view(torch.int64)
-    comp = torch.arange(total_v, dtype=torch.int32, device=dev)
-    nxt = torch.empty_like(comp)
-    best_w = torch.full((total_v,), _NONE_WEIGHT, dtype=torch.int64, device=dev)
-    best_e = torch.full((total_v,), _NONE_EDGE, dtype=torch.int32, device=dev)
-    mst = torch.zeros(total_e, dtype=torch.int8, device=dev)
-    act_in, act_out = torch.empty(total_e, dtype=torch.int32, device=dev), torch.empty(total_e, dtype=torch.int32, device=dev)
-    # counters: [edges in the work list, edges left after the min pass, hooks, pointers moved]
-    counts = torch.tensor([total_e, 0, 0, 0], dtype=torch.int32, device=dev)
-    work, found, first = total_e, 0, True
-    while found < bsz * (n - 1):
-        counts[1:] = 0
-        _launch(_mst_min_kernel, work, act_in, counts[0:], act_out, counts[1:], src32, dst32, wbits, comp, best_w,
-                num_edges, n, FIRST=first)
-        _launch(_mst_pick_kernel, work, act_out, counts[1:], src32, dst32, wbits, comp, best_w, best_e, num_edges, n)
-        _launch(_mst_hook_kernel, total_v, comp, best_e, src32, dst32, nxt, mst, counts[2:], total_v, num_edges, n)
-        work, hooks = _read(counts[1:3])
-        if hooks == 0:
-            raise ValueError("boruvka_mst needs a connected graph per image")
-        found += hooks
-        if found < bsz * (n - 1):
-            while True:
-                counts[3] = 0
-                _launch(_jump_kernel, total_v, nxt, counts[3:], total_v, STEPS=JUMP_STEPS)
-                if _read(counts[3:])[0] == 0:
-                    break
-            comp, nxt = nxt, comp
-            best_w.fill_(_NONE_WEIGHT)
-            best_e.fill_(_NONE_EDGE)
-            act_in, act_out = act_out, act_in
-            counts[0] = work
-            first = False
-    return mst.view(bsz, num_edges).bool()
+    if total_e >= 2**31:
+        raise ValueError(f"boruvka_mst: {bsz} images of {n} pixels exceed 2**31 edges in one batch")
+    rounds = rounds_for(n)
+    kbits = mst_keys(weight).contiguous().view(torch.int32)
+    parent = torch.arange(total_v, dtype=torch.int32, device=dev)
+    best = torch.full((total_v,), _NONE_KEY, dtype=torch.int64, device=dev)
+    flags = torch.zeros(total_e, dtype=torch.int8, device=dev)
+    act = [torch.empty(total_e, dtype=torch.int32, device=dev) for _ in range(2)]
+    work = torch.zeros(rounds + 1, dtype=torch.int32, device=dev)  # edges in each round's work list
+    work[0] = total_e
+    trips = torch.zeros(rounds, 2, dtype=torch.int32, device=dev)
+    nv = (height - 1) * width
+    for r in range(rounds):
+        _launch(_mst_min_kernel, total_e, act[r % 2], work[r:], act[1 - r % 2], work[r + 1:], kbits, parent, best,
+                num_edges, n, width, nv, FIRST=r == 0)
+        _launch(_mst_union_kernel, total_v, best, parent, flags, trips[r, 0:], work[r + 1:], total_v, num_edges, n,
+                width, nv)
+        _launch(_mst_compress_kernel, total_v, parent, trips[r, 1:], work[r + 1:], total_v)
+    TRIPS.update(zip(["_mst_union_kernel", "_mst_compress_kernel"], trips.T))
+    return flags.view(bsz, num_edges).bool()
+
+
+def kruskal_order(flags: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    """Ids (B, N-1) of the MST edges (flags (B, E)) in Kruskal order (weight, id), without host reads.
+
+    A stable partition by a scatter to static positions (the N-1 MST edges first, by id), then
+    one sort of unique keys (float32 weight bits << 32 | id): the order needs no stable sort.
+    """
+    ids = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
+    inc = flags.cumsum(1)
+    slots = torch.where(flags, inc - 1, ids - inc + (n - 1))
+    mst = torch.empty_like(slots).scatter_(1, slots, ids)[:, : n - 1]
+    keys = (weight.view(torch.int32).gather(1, mst).long() << 32) | mst
+    return keys.sort(dim=1)[0] & 0xFFFFFFFF
 
 
 def krt_children(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
@@ -378,7 +410,7 @@ def krt_children(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
         _launch(_krt_hook_kernel, 2 * total, labels, uf, total, m_edges, nodes, n, beta, level)
         _launch(_krt_union_kernel, 2 * total, labels, uf, trips[level, 0:], total, m_edges, nodes, n, beta, level)
         _launch(_krt_top_kernel, total, uf, top, trips[level, 1:], total, m_edges, nodes, n, beta, level)
-        _launch(_krt_relabel_kernel, total, labels, uf, top, trips[level, 2:], total, m_edges, beta, level)
+        _launch(_krt_relabel_kernel, 2 * total, labels, uf, top, trips[level, 2:], total, m_edges, beta, level)
     TRIPS.update(zip(["_krt_union_kernel", "_krt_top_kernel", "_krt_relabel_kernel"], trips.T))
     return labels.to(torch.int64) - base[:, :, None]
 
@@ -422,8 +454,7 @@ def _tree_from_mst(edges: torch.Tensor, weight: torch.Tensor, height: int, width
     return Tree(height, width, edges, weight, children, order, lo, hi)
 
 
-def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
-    """triton backend: grid weights, Borůvka MST, sort, KRT, leaf ranges; all on the guide's device."""
+def _build(guide: torch.Tensor, stage: Stage) -> Tree:
     bsz, _, h, w = guide.shape
     n = h * w
     if n == 1:
@@ -432,17 +463,15 @@ def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
         src, dst = grid_edges(h, w, guide.device)
         weight = grid_weights(guide)
     with stage("mst"):
-        mst = boruvka_mst(src, dst, weight, n)
+        flags = boruvka_mst(weight, h, w)
     with stage("sort"):
-        ids = mst.nonzero()[:, 1].view(bsz, n - 1)  # row-major: each image's MST edges by edge id
-        weight, perm = torch.sort(weight.masked_select(mst).view(bsz, n - 1), dim=1, stable=True)
-        ids = ids.gather(1, perm)
+        ids = kruskal_order(flags, weight, n)
         edges = torch.stack([src[ids], dst[ids]], dim=2)
-    return _tree_from_mst(edges, weight, h, w, stage)
+        altitude = weight.gather(1, ids).double()
+    return _tree_from_mst(edges, altitude, h, w, stage)
 
 
-def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = no_stage) -> Tree:
-    """triton backend: the given MST edges with weights from `features`, sorted; KRT and leaf ranges rebuilt."""
+def _reweight(edges: torch.Tensor, features: torch.Tensor, stage: Stage) -> Tree:
     bsz, _, h, w = features.shape
     n = h * w
     if n == 1:
@@ -453,3 +482,62 @@ def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = 
         weight, perm = torch.sort(weight, dim=1, stable=True)
         edges = edges.gather(1, perm[:, :, None].expand(-1, -1, 2))
     return _tree_from_mst(edges, weight, h, w, stage)
+
+
+_GRAPHS: dict[tuple, tuple] = {}  # (op, shapes, dtypes, device) -> (graph, static inputs, static Tree), oldest first
+GRAPH_LIMIT = 4  # graphs kept (each holds its memory pool): images of many sizes recapture, never pile up
+
+
+def _graphed(op, key: tuple, *inputs: torch.Tensor) -> Tree:
+    """`op(*inputs)` replayed from a CUDA graph captured on the first call with this key; a fresh Tree each call.
+
+    Capture runs the build once on a side stream (compiling and warming every kernel), then
+    records it; a later call copies its inputs into the captured ones, replays, and clones the
+    outputs (the next replay overwrites them). The `GRAPH_LIMIT` most recently used keys are
+    kept. If capture fails, that key builds eagerly from then on, after one warning.
+    """
+    entry = _GRAPHS.pop(key, None)
+    if entry is None:
+        while len(_GRAPHS) >= GRAPH_LIMIT:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        static = [x.clone() for x in inputs]
+        try:
+            side = torch.cuda.Stream(inputs[0].device)
+            side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+            with torch.cuda.stream(side):
+                op(*static, no_stage)
+            torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = op(*static, no_stage)
+            entry = (graph, static, out)
+        except RuntimeError as err:  # pragma: no cover - needs a GPU
+            warnings.warn(f"gp tree build: CUDA graph capture failed ({err}); building without graphs", stacklevel=3)
+            entry = (None, None, None)
+    _GRAPHS[key] = entry  # most recently used last
+    graph, static, out = entry
+    if graph is None:  # pragma: no cover - needs a GPU
+        return op(*inputs, no_stage)
+    for s, x in zip(static, inputs):
+        s.copy_(x)
+    graph.replay()
+    return Tree(out.height, out.width, *(getattr(out, f).clone() for f in Tree.ARRAYS))
+
+
+def _use_graph(x: torch.Tensor, stage: Stage) -> bool:
+    return GRAPHS and stage is no_stage and x.is_cuda and not INTERPRETED
+
+
+def build_tree_triton(guide: torch.Tensor, stage: Stage = no_stage) -> Tree:
+    """triton backend: grid weights, Borůvka MST, sort, KRT, leaf ranges; all on the guide's device, no host reads."""
+    if _use_graph(guide, stage):  # pragma: no cover - needs a GPU
+        return _graphed(_build, ("build", tuple(guide.shape), guide.dtype, guide.device), guide.contiguous())
+    return _build(guide, stage)
+
+
+def reweight_triton(edges: torch.Tensor, features: torch.Tensor, stage: Stage = no_stage) -> Tree:
+    """triton backend: the given MST edges with weights from `features`, sorted; KRT and leaf ranges rebuilt."""
+    if _use_graph(features, stage):  # pragma: no cover - needs a GPU
+        key = ("reweight", tuple(edges.shape), tuple(features.shape), features.dtype, features.device)
+        return _graphed(_reweight, key, edges.contiguous(), features.contiguous())
+    return _reweight(edges, features, stage)

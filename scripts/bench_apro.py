@@ -216,9 +216,7 @@ class Counter(torch.utils._python_dispatch.TorchDispatchMode):
     @contextlib.contextmanager
     def at(self, name: str):
         previous, self.stage = self.stage, name
-        reads = gp_tree_triton.READS["reads"]
         yield
-        self.table[name]["host reads"] += gp_tree_triton.READS["reads"] - reads
         self.stage = previous
 
 
@@ -260,7 +258,7 @@ def structure(size: int, k: int, lp_size: int) -> list[dict]:
     for stage, counts in counter.table.items():
         launches = {key[7:]: v for key, v in counts.items() if key.startswith("launch:")}
         loops = sum(sum(trips[name]) for name in launches if name in trips)
-        rounds = {"mst": launches.get("_mst_hook_kernel", 0), "krt": launches.get("_krt_hook_kernel", 0),
+        rounds = {"mst": launches.get("_mst_union_kernel", 0), "krt": launches.get("_krt_hook_kernel", 0),
                   "leaf ranges": launches.get("_rank_kernel", 0)}.get(stage, 0)
         rows.append({
             "stage": stage, "triton_launches": sum(launches.values()), "kernels": launches,

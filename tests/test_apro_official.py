@@ -1,11 +1,13 @@
-"""GP's two passes and `refine=apro_official` against hand-written recomputations of the official APro heads.
+"""GP's two passes and `refine=apro_official` against transcriptions of the official APro heads.
 
-The official heads (CircleRadon/APro, mmdet/models/dense_heads/box_solov2_head.py) take the
-ImageNet-normalised network input I; GP pass 1 propagates each mask over the MST of I (edge
-weight ||I_p - I_q||^2) with zeta_gl, pass 2 propagates the pass-1 map over the same tree with
-edge weights (y1_p - y1_q)^2 of that map and zeta_gh; LP (apro/apro.py, Local_APro) iterates a
-5x5 window average with weights exp(-||I_i - I_j||^2 / zeta_s^2) over in-image pixels, 20 times.
-Each class map of our probabilities plays the part of one mask.
+The official heads (CircleRadon/APro 8251a9ec1f4d53e030e43493b2db909f53e1990b,
+mmdet/models/dense_heads/box_solov2_head.py) take the ImageNet-normalised network input I;
+GP pass 1 propagates each mask over the official MST of I with zeta_gl, pass 2 propagates the
+pass-1 map over the same tree with edge weights (y1_p - y1_q)^2 of that map and zeta_gh: the
+MST (apro/gp_cuda/mst/mst.py, boruvka.cpp) and the propagation (apro/gp_cuda/gp_process/
+gp_process.cu) are transcribed in tests/test_gp_ties.py. LP (apro/apro.py, Local_APro) iterates
+a 5x5 window average with weights exp(-||I_i - I_j||^2 / zeta_s^2) over in-image pixels, 20 times
+(transcribed below). Each class map of our probabilities plays the part of one mask.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_gp import brute_force_on_tree, grid_graph, prim_mst, sq_dist
+from test_gp import sq_dist
+from test_gp_ties import official_two_pass
 
 from maskclip_apro.config import compose
 from maskclip_apro.refiners import Guidance, build_refiner
@@ -30,16 +33,9 @@ def normalised(image: torch.Tensor) -> np.ndarray:
 
 
 def official_gp(unary: np.ndarray, guide: np.ndarray, h: int, w: int, zeta_l: float, zeta_h: float | None):
-    """unary (K, N), guide (3, N): pass 1 on the image MST, then per map pass 2 on the same topology."""
-    tree = prim_mst(h * w, [(p, q, sq_dist(guide, p, q)) for p, q in grid_graph(h, w)])
-    y1 = brute_force_on_tree(unary, tree, zeta_l)
-    if zeta_h is None:
-        return y1
-    out = []
-    for y in y1:
-        tree2 = [(p, q, float((y[p] - y[q]) ** 2)) for p, q, _ in tree]
-        out.append(brute_force_on_tree(y[None], tree2, zeta_h)[0])
-    return np.stack(out)
+    """unary (K, N), guide (3, N): the official heads' GP (float32 network input), pass 2 unless zeta_h is None."""
+    image = guide.astype(np.float32).reshape(3, h, w)
+    return official_two_pass(unary.astype(np.float32), image, zeta_l, zeta_h).astype(np.float64)
 
 
 def official_lp(unary: np.ndarray, guide: np.ndarray, h: int, w: int, zeta_s: float, k: int, iters: int):
