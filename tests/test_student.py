@@ -512,3 +512,66 @@ def test_checkpoint_module_does_not_import_the_model_module():
     tree = ast.parse(Path(ckpt.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(m and m.endswith("deeplabv2") for m in imported)
+
+
+def mmseg020_cross_entropy(pred, label, ignore_index=255):
+    """Transcription of mmseg 0.20's CrossEntropyLoss as MaskCLIP+ calls it (reduction 'mean', no
+    weight, no avg_factor; there is no avg_non_ignore in that version): chongzhou96/MaskCLIP
+    245d31f809be9c1938f8f30561b6bf9ed033d746, mmseg/models/losses/cross_entropy_loss.py
+    (cross_entropy) and mmseg/models/losses/utils.py (weight_reduce_loss, reduce_loss)."""
+
+    def reduce_loss(loss, reduction):
+        reduction_enum = F._Reduction.get_enum(reduction)
+        if reduction_enum == 0:
+            return loss
+        elif reduction_enum == 1:
+            return loss.mean()
+        elif reduction_enum == 2:
+            return loss.sum()
+
+    def weight_reduce_loss(loss, weight=None, reduction="mean", avg_factor=None):
+        if weight is not None:
+            loss = loss * weight
+        if avg_factor is None:
+            loss = reduce_loss(loss, reduction)
+        else:
+            if reduction == "mean":
+                loss = loss.sum() / avg_factor
+            elif reduction != "none":
+                raise ValueError('avg_factor can not be used with reduction="sum"')
+        return loss
+
+    loss = F.cross_entropy(pred, label, weight=None, reduction="none", ignore_index=ignore_index)
+    return weight_reduce_loss(loss, weight=None, reduction="mean", avg_factor=None)
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_trainer_cross_entropy_is_normalised_as_mmseg(tmp_path, avg_non_ignore):
+    """loss.avg_non_ignore=false (default): the CE of a step equals mmseg 0.20's mean over every
+    crop pixel of each GPU's batch, averaged over GPUs (2 simulated GPUs of 2 crops); true: the sum
+    over the labelled pixels divided by their number. Ignored pixels: padding and a void band."""
+    from maskclip_apro.config import compose
+    from maskclip_apro.distributed import DistInfo
+    from maskclip_apro.student.trainer import Trainer
+
+    cfg = compose("train", [
+        "dataset=synthetic", "dataset.num_images=4", "student=tiny", "student.head=aspp", "model=tiny_vit", "crop=32",
+        "batch_size=4", "iters=2", "workers=0", "eval.interval=0", "checkpoint.interval=0", "device=cpu",
+        "refine=none", f"output_dir={tmp_path}", f"loss.avg_non_ignore={str(avg_non_ignore).lower()}",
+    ])
+    trainer = Trainer(cfg, generator=StubGenerator(num_classes=5), info=DistInfo())  # synthetic: 5 classes
+    mb = next(iter(trainer._loader(1)))
+    mb["valid"][0, 20:] = False
+    mb["valid"][3, :, :9] = False
+    trainer.model.train()
+    with torch.no_grad():
+        logits = trainer.model(mb["image"])
+    hard = trainer._targets(mb, mb["image"], mb["valid"]).hard
+    labelled = hard != 255
+    assert 0 < int(labelled.sum()) < hard.numel()
+    if avg_non_ignore:
+        expected = float(F.cross_entropy(logits, hard, ignore_index=255, reduction="sum")) / int(labelled.sum())
+    else:
+        expected = sum(float(mmseg020_cross_entropy(logits[i : i + 2], hard[i : i + 2])) for i in (0, 2)) / 2
+    assert trainer.train_step([mb])["loss_ce"] == pytest.approx(expected, rel=1e-5)
+
