@@ -9,8 +9,9 @@ labels at the input size.
                                     overrides=["protocol=naclip", "model.dense=naclip"])
 
 Under MaskCLIP's protocols (whole image, slide) the refiners get softmax(s * logits) on the
-patch grid and the labels are the argmax of the upsampled result (of the logits when no refiner
-runs, as mmseg upsamples MaskCLIP's head output). Under the SCLIP-family harness
+patch grid and the labels are the argmax of the upsampled result, or of what MaskCLIP's
+official head outputs where that differs (the logits when no refiner runs, the cosines with
+PD's dropped classes at -100, KS's mixture: Chain.refine), as mmseg upsamples the head output. Under the SCLIP-family harness
 (generator mode "harness") they get the probabilities of every text query at the image size,
 softmax(s * pixel_cos), with guidance.image the resized image the model saw brought back to the
 image size (what the harness's PAMR reads) and guidance.grid its patch grid; after them each
@@ -266,13 +267,14 @@ class Segmenter:
             probs0, guidance = self.probabilities(out, batch)
         predictions: list[dict[str, Prediction]] = [{} for _ in arrays]
         for name, chain in chains.items():
-            probs = chain(probs0, guidance)
+            probs, scores = chain.refine(probs0, guidance, None if harness else out.logits.float())
             start = time.perf_counter()
             if harness:
                 probs, labels = self.harness_labels(probs, size)
             else:
-                # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
-                labels = labels_at(probs if chain.refiners else out.logits.float(), size)
+                # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner
+                # runs, the official KS / PD output after them (Chain.refine)
+                labels = labels_at(scores, size)
             labels = labels.cpu().numpy().astype(np.int64, copy=False)
             probs = probs.cpu() if keep_probs else None
             times = {"generator": generator_time, **{k: v / n for k, v in chain.last_times.items()},

@@ -306,7 +306,8 @@ def test_teacher_targets(steps, weights):
     assert len(t.soft) == len(expected)
     for a, b in zip(t.soft, expected):
         torch.testing.assert_close(a, b)
-    mean = p if not expected else sum(expected) / len(expected)
+    mean = F.interpolate(StubGenerator()(images).logits, size=(16, 16), mode="bilinear", align_corners=False) if not expected \
+        else sum(expected) / len(expected)  # no refiner: the official teacher upsamples its cosines
     assert torch.equal(t.hard, mean.argmax(1))
 
 
@@ -342,23 +343,65 @@ class KeyedStubGenerator(StubGenerator):
 PD_LOW = {"pd": {"thresh": 0.05}}  # keeps most classes of the stub, so KS has something to smooth
 
 
-def test_teacher_passes_the_generator_keys_to_key_smoothing():
-    """refine=ks_pd in the teacher: PD then KS on the generator's keys, then labels at the crop size."""
-    from maskclip_apro.refiners import Guidance, build_refiner
-    from maskclip_apro.segmenter import labels_at
+def official_clip_labels(cos, k, size, pd_thresh=0.0, ks_thresh=0.0):
+    """The official MaskCLIP+ teacher's labels for cosines cos (N, C, H, W) and keys k (N, HW, Ck):
+    refine_clip_output, then assign_label's bilinear resize to the label size and argmax (every
+    pixel unlabelled). Transcribed from chongzhou96/MaskCLIP 245d31f809be9c1938f8f30561b6bf9ed033d746,
+    mmseg/models/decode_heads/maskclip_plus_head.py (refine_clip_output, assign_label)."""
+    output = cos.clone()
+    if pd_thresh > 0:
+        N, C, H, W = output.shape
+        _output = F.softmax(output * 100, dim=1)
+        max_cls_conf = _output.view(N, C, -1).max(dim=-1)[0]
+        selected_cls = (max_cls_conf < pd_thresh)[:, :, None, None].expand(N, C, H, W)
+        output[selected_cls] = -100
+    if k is not None and ks_thresh > 0:
+        output = F.softmax(output * 100, dim=1)
+        N, C, H, W = output.shape
+        output = output.view(N, C, -1).transpose(-2, -1)
+        k = F.normalize(k, p=2)
+        weight = k @ k.transpose(-2, -1)
+        selected_pos = (output.max(dim=-1, keepdim=True)[0] < ks_thresh)
+        selected_pos = selected_pos.expand(-1, -1, C)
+        weighted_output = weight @ output
+        output[selected_pos] = weighted_output[selected_pos]
+        output = output.transpose(-2, -1).view(N, C, H, W)
+    output = F.interpolate(output, size=size, mode="bilinear", align_corners=False)
+    return output.permute(0, 2, 3, 1).argmax(dim=-1)
 
+
+def test_teacher_labels_equal_the_official_maskclip_plus_teacher():
+    """refine=none / pd / ks / ks_pd in the teacher: the official head's output is upsampled (the
+    cosines, with -100 on dropped classes, or KS's mixture), not renormalised probabilities."""
     torch.manual_seed(4)
     images = F.interpolate(torch.rand(2, 3, 4, 4) * 2 - 1, scale_factor=8, mode="nearest")  # one value per patch: several classes
     generator = KeyedStubGenerator()
-    t = Teacher(generator, Chain.from_steps(["pd", "ks"], PD_LOW))(images, torch.ones(2, 32, 32, dtype=torch.bool))
     out = generator(images)
-    p = torch.softmax(out.logits, 1)
-    guidance = Guidance(image=images, keys=out.keys)
-    denoised = build_refiner("pd", PD_LOW)(p, guidance)
-    expected = build_refiner("ks", {})(denoised, guidance)
-    assert t.soft == [] and torch.equal(t.hard, labels_at(expected, (32, 32)))
-    assert len(t.hard.unique()) > 1
-    assert not torch.equal(t.hard, labels_at(denoised, (32, 32)))  # KS moved labels: the keys were used
+    cos = out.logits / 100  # the stub's logits play 100 cos, as the generator's
+    keys = out.keys.flatten(2).transpose(1, 2)
+    for steps, official in (([], {}), (["pd"], {"pd_thresh": 0.05}), (["ks"], {"ks_thresh": 1.0}),
+                            (["pd", "ks"], {"pd_thresh": 0.05, "ks_thresh": 1.0})):
+        t = Teacher(generator, Chain.from_steps(steps, PD_LOW))(images, torch.ones(2, 32, 32, dtype=torch.bool))
+        assert t.soft == [] and torch.equal(t.hard, official_clip_labels(cos, keys, (32, 32), **official)), steps
+        assert len(t.hard.unique()) > 1
+
+
+def test_teacher_sees_a_padded_crop_as_the_official_head():
+    """padded=crop: the padded crop at its own scale (the official `self.clip(img)`), labels 255 on
+    the padding; padded=valid: the valid rectangle alone."""
+    torch.manual_seed(5)
+    images = F.interpolate(torch.rand(2, 3, 4, 4), scale_factor=8, mode="nearest")
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[1, 20:] = False
+    generator = StubGenerator()
+    t = Teacher(generator, Chain([]))(images, valid)
+    expected = official_clip_labels(generator(images).logits / 100, None, (32, 32))
+    expected[~valid] = 255  # gt_semantic_seg is 255 on the padding (mmseg Pad seg_pad_val)
+    assert torch.equal(t.hard, expected)
+    alone = Teacher(generator, Chain([]), padded="valid")(images, valid)
+    assert torch.equal(alone.hard[1, :20], official_clip_labels(generator(images[1:, :, :20]).logits / 100, None, (20, 32))[0])
+    with pytest.raises(ValueError, match="padded-crop input must be one of"):
+        Teacher(generator, padded="rescaled")
 
 
 def test_teacher_ignores_padding():
@@ -367,7 +410,7 @@ def test_teacher_ignores_padding():
     valid = torch.ones(2, 16, 16, dtype=torch.bool)
     valid[1, 10:] = False
     valid[1, :, 12:] = False
-    teacher = Teacher(StubGenerator(), Chain.from_steps(["apro"], {"apro": {"iters": 2, "backend": "torch"}}))
+    teacher = Teacher(StubGenerator(), Chain.from_steps(["apro"], {"apro": {"iters": 2, "backend": "torch"}}), padded="valid")
     t = teacher(images, valid)
     assert (t.hard[1][~valid[1]] == 255).all() and (t.hard[1][valid[1]] != 255).all()
     alone = teacher(images[1:, :, :10, :12], valid[1:, :10, :12])

@@ -249,7 +249,7 @@ class Trainer:
         t = self.cfg.target
         chain = Chain.from_steps(refine_steps(self.cfg), refine_params(self.cfg))
         return Teacher(generator, chain, num_classes=self.num_classes, gp_weight=float(t.gp_weight),
-                       lp_weight=float(t.lp_weight))
+                       lp_weight=float(t.lp_weight), padded=str(t.get("padded", "crop")))
 
     def _output_dir(self) -> Path:
         """output_dir, or with resume=latest the newest run of the same config next to it."""
