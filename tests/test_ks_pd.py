@@ -193,24 +193,9 @@ def official_maskclip_labels(cos, k, size, pd_thresh=0.0, ks_thresh=0.0):
     mmseg/models/segmentors/encoder_decoder.py (encode_decode, whole_inference, inference, simple_test)."""
     import torch.nn.functional as F
 
-    output = cos.clone()
-    if pd_thresh > 0:
-        N, C, H, W = output.shape
-        _output = F.softmax(output * 100, dim=1)
-        max_cls_conf = _output.view(N, C, -1).max(dim=-1)[0]
-        selected_cls = (max_cls_conf < pd_thresh)[:, :, None, None].expand(N, C, H, W)
-        output[selected_cls] = -100
-    if k is not None and ks_thresh > 0:
-        output = F.softmax(output * 100, dim=1)
-        N, C, H, W = output.shape
-        output = output.view(N, C, -1).transpose(-2, -1)
-        k = F.normalize(k, p=2)
-        weight = k @ k.transpose(-2, -1)
-        selected_pos = (output.max(dim=-1, keepdim=True)[0] < ks_thresh)
-        selected_pos = selected_pos.expand(-1, -1, C)
-        weighted_output = weight @ output
-        output[selected_pos] = weighted_output[selected_pos]
-        output = output.transpose(-2, -1).view(N, C, H, W)
+    from official_maskclip import refine_output
+
+    output = refine_output(cos.clone(), k, pd_thresh, ks_thresh)
     out = F.interpolate(output, size=size, mode="bilinear", align_corners=False)  # encode_decode: img.shape
     seg_logit = F.interpolate(out, size=size, mode="bilinear", align_corners=False)  # whole_inference: ori_shape
     return F.softmax(seg_logit, dim=1).argmax(dim=1)
