@@ -11,7 +11,8 @@ labels at the input size.
 Under MaskCLIP's protocols (whole image, slide) the refiners get softmax(s * logits) on the
 patch grid and the labels are the argmax of the upsampled result, or of what MaskCLIP's
 official head outputs where that differs (the logits when no refiner runs, the cosines with
-PD's dropped classes at -100, KS's mixture: Chain.refine), as mmseg upsamples the head output. Under the SCLIP-family harness
+PD's dropped classes at -100, KS's mixture: Chain.refine), which is resized as mmseg resizes the
+head output: to the image the network saw, then to the original size (head_labels). Under the SCLIP-family harness
 (generator mode "harness") they get the probabilities of every text query at the image size,
 softmax(s * pixel_cos), with guidance.image the resized image the model saw brought back to the
 image size (what the harness's PAMR reads) and guidance.grid its patch grid; after them each
@@ -133,6 +134,62 @@ def labels_at(
                         better = value > best
                         best = torch.where(better, value, best)
                         out.masked_fill_(better, c)
+    return labels
+
+
+def _composed_taps(n_in: int, n_mid: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear n_in -> n_mid followed by n_mid -> n_out (align_corners=False) along one axis, as
+    one operator: source indices (n_out, 3) and weights (n_out, 3). Output pixel j reads two
+    middle pixels, which read two neighbouring input pixels each, so its taps lie in three
+    consecutive input pixels; weights are products of the two resizes' weights (float64)."""
+    a0, a1, aw0, aw1 = _bilinear_taps(n_mid, n_out)
+    b0, b1, bw0, bw1 = _bilinear_taps(n_in, n_mid)
+    first = b0[a0]
+    index = (first[:, None] + torch.arange(3)).clamp_(max=n_in - 1)
+    weights = torch.zeros(n_out, 3, dtype=torch.float64)
+    for mid, wm in ((a0, aw0.double()), (a1, aw1.double())):
+        for src, ws in ((b0[mid], bw0[mid].double()), (b1[mid], bw1[mid].double())):
+            weights.scatter_add_(1, (src - first)[:, None], (wm * ws)[:, None])
+    return index, weights
+
+
+def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int], tile_elements: int = 1 << 18) -> torch.Tensor:
+    """argmax over classes of scores (B, K, h, w) resized bilinearly to `via`, then to `size`.
+
+    mmseg's test path resizes the head output to the network input, then to the original image
+    (encode_decode, whole_inference). The two resizes are applied here as one three-tap operator
+    per axis (_composed_taps), tile by tile and class by class, so no K x via map is held; the
+    values equal the two-step ones up to float rounding (weights multiplied in float64, the sums
+    in float32), which can only matter at near-ties (ties go to the lowest class index).
+    """
+    if probs.ndim != 4:
+        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
+    b, k, h, w = probs.shape
+    height, width = int(size[0]), int(size[1])
+    device = probs.device
+    probs = probs.float()
+    yi, yw = (t.to(device) for t in _composed_taps(h, int(via[0]), height))
+    xi, xw = (t.to(device) for t in _composed_taps(w, int(via[1]), width))
+    yw, xw = yw.float(), xw.float()
+    labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
+    tile_h = max(1, tile_elements // (width * b))
+    for top in range(0, height, tile_h):
+        rows = slice(top, min(height, top + tile_h))
+        first, last = int(yi[rows].min()), int(yi[rows].max())
+        r, a = yi[rows] - first, yw[rows]
+        best = None
+        out = labels[:, rows]
+        for c in range(k):
+            band = probs[:, c, first : last + 1]
+            along_w = sum(band.index_select(-1, xi[:, t]) * xw[:, t] for t in range(3))
+            value = sum(along_w.index_select(-2, r[:, t]) * a[:, t, None] for t in range(3))
+            if best is None:
+                best = value
+                out.fill_(c)
+            else:
+                better = value > best
+                best = torch.where(better, value, best)
+                out.masked_fill_(better, c)
     return labels
 
 
@@ -271,10 +328,10 @@ class Segmenter:
             start = time.perf_counter()
             if harness:
                 probs, labels = self.harness_labels(probs, size)
+            elif scores is None:
+                labels = labels_at(probs, size)
             else:
-                # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner
-                # runs, the official KS / PD output after them (Chain.refine)
-                labels = labels_at(scores, size)
+                labels = self.head_labels(scores, tuple(out.image.shape[-2:]), size)
             labels = labels.cpu().numpy().astype(np.int64, copy=False)
             probs = probs.cpu() if keep_probs else None
             times = {"generator": generator_time, **{k: v / n for k, v in chain.last_times.items()},
@@ -287,6 +344,16 @@ class Segmenter:
                     times=dict(times),
                 )
         return predictions
+
+    @staticmethod
+    def head_labels(scores: torch.Tensor, seen: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Labels from the head's output on the patch grid (MaskCLIP's logits, or the official KS /
+        PD output: Chain.refine) as mmseg makes them: resized bilinearly to the image the network
+        saw (`seen`), then to the original `size`, then the argmax (encode_decode,
+        whole_inference, simple_test); one resize when the network saw the image at its size."""
+        if tuple(seen) == tuple(size):
+            return labels_at(scores, size)
+        return labels_via(scores, seen, size)
 
     def harness_probabilities(self, out: Any, chains: Mapping[str, Chain]) -> tuple[torch.Tensor, Guidance]:
         """The harness's query probabilities softmax(s * pixel_cos) at the image size, and the guidance."""

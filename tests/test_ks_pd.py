@@ -184,10 +184,11 @@ def test_prompt_denoising_no_kept_mass_becomes_uniform_over_kept():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))
 
 
-def official_maskclip_labels(cos, k, size, pd_thresh=0.0, ks_thresh=0.0):
+def official_maskclip_labels(cos, k, seen, size, pd_thresh=0.0, ks_thresh=0.0):
     """Pixel labels of MaskCLIP's official test path for the head's cosines cos (N, C, H, W) and keys
-    k (N, HW, Ck) on an image the network sees at its original size: refine_output, encode_decode's
-    and whole_inference's bilinear resizes, inference's softmax, simple_test's argmax. Transcribed
+    k (N, HW, Ck), the network having seen the image at size `seen`, its original size `size`:
+    refine_output, encode_decode's and whole_inference's bilinear resizes, inference's softmax,
+    simple_test's argmax. Transcribed
     from chongzhou96/MaskCLIP 245d31f809be9c1938f8f30561b6bf9ed033d746,
     mmseg/models/decode_heads/maskclip_head.py (refine_output) and
     mmseg/models/segmentors/encoder_decoder.py (encode_decode, whole_inference, inference, simple_test)."""
@@ -196,16 +197,16 @@ def official_maskclip_labels(cos, k, size, pd_thresh=0.0, ks_thresh=0.0):
     from official_maskclip import refine_output
 
     output = refine_output(cos.clone(), k, pd_thresh, ks_thresh)
-    out = F.interpolate(output, size=size, mode="bilinear", align_corners=False)  # encode_decode: img.shape
+    out = F.interpolate(output, size=seen, mode="bilinear", align_corners=False)  # encode_decode: img.shape
     seg_logit = F.interpolate(out, size=size, mode="bilinear", align_corners=False)  # whole_inference: ori_shape
     return F.softmax(seg_logit, dim=1).argmax(dim=1)
 
 
-@pytest.mark.parametrize("model", ["tiny_vit", "tiny_resnet"])
-def test_segmenter_pixel_labels_equal_the_official_pipeline(model, tmp_path):
+@pytest.mark.parametrize("model,seen", [("tiny_vit", (64, 96)), ("tiny_vit", (48, 72)), ("tiny_resnet", (80, 120))])
+def test_segmenter_pixel_labels_equal_the_official_pipeline(model, seen, tmp_path):
     """none / pd / ks / ks_pd on the tiny models' cosines and keys: the chains' argmax on the patch
     grid, and the Segmenter's labels at every pixel, are the official ones (what is upsampled is
-    the official head's output)."""
+    the official head's output, resized to the image the network saw, then to the image's size)."""
     from maskclip_apro.segmenter import Segmenter
 
     g = torch.Generator().manual_seed(11)
@@ -213,12 +214,13 @@ def test_segmenter_pixel_labels_equal_the_official_pipeline(model, tmp_path):
     array = (image[0].permute(1, 2, 0) * 255).round().byte().numpy()
     seg = Segmenter.from_pretrained(model=model, vocab=["cat", "dog", "grass", "sky", "tree"], refine="none",
                                     overrides=["protocol=maskclip", f"generator.cache_dir={tmp_path}",
-                                               "generator.templates=['a photo of a {}.']"])
+                                               "generator.templates=['a photo of a {}.']", "model.short_side=null",
+                                               f"generator.img_scale=[300,{seen[0]}]"])
     with torch.no_grad():  # random offsets, so that the tiny towers' classes vary over the image
         for p in seg.generator.backbone.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     out = seg.generate(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255)
-    assert tuple(out.image.shape[-2:]) == (64, 96)  # the network sees the image at its size: one resize
+    assert tuple(out.image.shape[-2:]) == seen  # (64, 96): the network sees the image at its size, one resize
     probs, guidance = Segmenter.probabilities(out, out.image)
     assert out.keys is not None and out.keys.shape[-2:] == probs.shape[-2:]
     cos = (out.logits.double() / seg.generator.logit_scale).float()
@@ -233,7 +235,7 @@ def test_segmenter_pixel_labels_equal_the_official_pipeline(model, tmp_path):
     got = seg.predict_many(array, chains)
     labels = set()
     for preset, kw in official.items():
-        expected = official_maskclip_labels(cos, keys, (64, 96), **kw)[0].numpy()
+        expected = official_maskclip_labels(cos, keys, seen, (64, 96), **kw)[0].numpy()
         assert (got[preset].labels == expected).all(), (preset, float((got[preset].labels != expected).mean()))
         labels |= set(expected.flatten().tolist())
     assert len(labels) > 1

@@ -30,17 +30,18 @@ class Chain:
 
     def refine(
         self, probs: torch.Tensor, guidance: Guidance, scores: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(refined probabilities, label scores): the labels are the argmax of the label scores
-        upsampled bilinearly. `scores` are the generator's logits (the scores without refiners).
-        KS and PD pass on what MaskCLIP's official head outputs after them, which mmseg upsamples
-        (step_with_scores); after any other refiner the label scores are its probabilities."""
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(refined probabilities, label scores or None): the labels are the argmax of the label
+        scores upsampled bilinearly, or of the probabilities when None. `scores` are the
+        generator's logits (the scores without refiners). KS and PD pass on what MaskCLIP's
+        official head outputs after them, which mmseg upsamples (step_with_scores); any other
+        refiner ends them (None: its probabilities are what to upsample)."""
         self.last_times = {}
         for refiner in self.refiners:
             start = time.perf_counter()
             probs, scores = step_with_scores(refiner, probs, guidance, scores)
             self.last_times[refiner.name] = self.last_times.get(refiner.name, 0.0) + time.perf_counter() - start
-        return probs, probs if scores is None else scores
+        return probs, scores
 
 
 def step_with_scores(
