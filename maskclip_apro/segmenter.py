@@ -153,14 +153,20 @@ def _composed_taps(n_in: int, n_mid: int, n_out: int) -> tuple[torch.Tensor, tor
     return index, weights
 
 
-def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int], tile_elements: int = 1 << 18) -> torch.Tensor:
+def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int], tile: int = 128) -> torch.Tensor:
     """argmax over classes of scores (B, K, h, w) resized bilinearly to `via`, then to `size`.
 
     mmseg's test path resizes the head output to the network input, then to the original image
     (encode_decode, whole_inference). The two resizes are applied here as one three-tap operator
-    per axis (_composed_taps), tile by tile and class by class, so no K x via map is held; the
-    values equal the two-step ones up to float rounding (weights multiplied in float64, the sums
-    in float32), which can only matter at near-ties (ties go to the lowest class index).
+    per axis (_composed_taps), on tiles of `tile` x `tile` output pixels, image by image and
+    class by class, so no K x via
+    map is held; the values equal the two-step ones up to float rounding (weights multiplied in
+    float64, the sums in float32), which can only matter at near-ties (ties go to the lowest
+    class index). Every output value is a convex combination of the input values its tile reads,
+    so the winner is at least the largest smallest value of a class there, and at least the
+    smallest value of the mean of the two or three classes with the largest values; a class
+    whose largest value is below that floor (less a margin far above rounding) cannot win in the
+    tile and is skipped, as in labels_at.
     """
     if probs.ndim != 4:
         raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
@@ -172,24 +178,36 @@ def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int],
     xi, xw = (t.to(device) for t in _composed_taps(w, int(via[1]), width))
     yw, xw = yw.float(), xw.float()
     labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
-    tile_h = max(1, tile_elements // (width * b))
-    for top in range(0, height, tile_h):
-        rows = slice(top, min(height, top + tile_h))
+    for top in range(0, height, tile):
+        rows = slice(top, min(height, top + tile))
         first, last = int(yi[rows].min()), int(yi[rows].max())
         r, a = yi[rows] - first, yw[rows]
-        best = None
-        out = labels[:, rows]
-        for c in range(k):
-            band = probs[:, c, first : last + 1]
-            along_w = sum(band.index_select(-1, xi[:, t]) * xw[:, t] for t in range(3))
-            value = sum(along_w.index_select(-2, r[:, t]) * a[:, t, None] for t in range(3))
-            if best is None:
-                best = value
-                out.fill_(c)
-            else:
-                better = value > best
-                best = torch.where(better, value, best)
-                out.masked_fill_(better, c)
+        for left in range(0, width, tile):
+            cols = slice(left, min(width, left + tile))
+            start, stop = int(xi[cols].min()), int(xi[cols].max())
+            c, wc = xi[cols] - start, xw[cols]
+            for i in range(b):
+                block = probs[i, :, first : last + 1, start : stop + 1]
+                low, high = block.amin(dim=(1, 2)), block.amax(dim=(1, 2))
+                floor, total = low.max(), torch.zeros_like(block[0])
+                for m, leader in enumerate(high.topk(min(3, k)).indices.tolist(), start=1):
+                    total += block[leader]  # the winner is at least the mean of the m leaders
+                    floor = torch.maximum(floor, total.min() / m)
+                margin = _TIE_MARGIN * torch.maximum(high.abs().max(), low.abs().max())
+                classes = (high >= floor - margin).nonzero()[:, 0].tolist()
+                out = labels[i, rows, cols]
+                best = None
+                for cls in classes:
+                    band = block[cls]
+                    along_w = sum(band.index_select(-1, c[:, t]) * wc[:, t] for t in range(3))
+                    value = sum(along_w.index_select(-2, r[:, t]) * a[:, t, None] for t in range(3))
+                    if best is None:
+                        best = value
+                        out.fill_(cls)
+                    else:
+                        better = value > best
+                        best = torch.where(better, value, best)
+                        out.masked_fill_(better, cls)
     return labels
 
 

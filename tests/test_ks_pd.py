@@ -239,3 +239,21 @@ def test_segmenter_pixel_labels_equal_the_official_pipeline(model, seen, tmp_pat
         assert (got[preset].labels == expected).all(), (preset, float((got[preset].labels != expected).mean()))
         labels |= set(expected.flatten().tolist())
     assert len(labels) > 1
+
+
+@pytest.mark.parametrize("tile", [8, 128])
+def test_labels_via_the_network_input_equal_mmseg_two_resizes(tile):
+    """segmenter.labels_via (one composed operator, tiles with class pruning) against
+    encode_decode's resize to the network input then whole_inference's to the original size."""
+    import torch.nn.functional as F
+
+    from maskclip_apro.segmenter import labels_via
+
+    g = torch.Generator().manual_seed(3)
+    regions = F.interpolate(torch.randint(0, 9, (1, 1, 3, 4), generator=g).float(), size=(9, 12)).long()[:, 0]
+    scores = 4 * F.one_hot(regions, 9).permute(0, 3, 1, 2).float() + torch.randn(1, 9, 9, 12, generator=g)
+    scores = torch.cat([scores, torch.randn(1, 9, 9, 12, generator=g)])  # and one image of noise
+    for via, size in (((144, 192), (75, 101)), ((40, 50), (97, 130)), ((9, 12), (30, 40))):
+        out = F.interpolate(scores, size=via, mode="bilinear", align_corners=False)
+        expected = F.interpolate(out, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+        assert torch.equal(labels_via(scores, via, size, tile=tile), expected)
