@@ -74,6 +74,13 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
 _TIE_MARGIN = 1e-5  # relative to the cell's largest value; float32 rounding of the interpolation is < 1e-6
 
 
+def _scores_and_size(probs: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, tuple, tuple[int, int]]:
+    """float32 scores (B, K, h, w), their shape and the output size as ints; ValueError unless 4-D."""
+    if probs.ndim != 4:
+        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
+    return probs.float(), tuple(probs.shape), (int(size[0]), int(size[1]))
+
+
 def labels_at(
     probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 18, prune: Optional[bool] = None
 ) -> torch.Tensor:
@@ -91,12 +98,8 @@ def labels_at(
     F.interpolate(mode="bilinear", align_corners=False) up to float rounding, which can only
     matter at exact ties (ties go to the lowest class index).
     """
-    if probs.ndim != 4:
-        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
-    b, k, h, w = probs.shape
-    height, width = int(size[0]), int(size[1])
+    probs, (b, k, h, w), (height, width) = _scores_and_size(probs, size)
     device = probs.device
-    probs = probs.float()
     y0, y1, wy0, wy1 = _bilinear_taps(h, height)
     x0, x1, wx0, wx1 = _bilinear_taps(w, width)
     y0d, y1d, wy0d, wy1d, x0d, x1d, wx0d, wx1d = (t.to(device) for t in (y0, y1, wy0, wy1, x0, x1, wx0, wx1))
@@ -127,14 +130,19 @@ def labels_at(
                     band = probs[images, c, first : last + 2]
                     along_w = band.index_select(-1, c0) * b0 + band.index_select(-1, c1) * b1
                     value = along_w.index_select(-2, r0) * a0 + along_w.index_select(-2, r1) * a1
-                    if best is None:
-                        best = value
-                        out.fill_(c)
-                    else:
-                        better = value > best
-                        best = torch.where(better, value, best)
-                        out.masked_fill_(better, c)
+                    best = _keep_best(best, value, out, c)
     return labels
+
+
+def _keep_best(best: Optional[torch.Tensor], value: torch.Tensor, out: torch.Tensor, c: int) -> torch.Tensor:
+    """Running argmax: where class c's `value` beats `best` (strictly: ties keep the lower class),
+    write c into `out`; returns the new best values (`value` for the first class)."""
+    if best is None:
+        out.fill_(c)
+        return value
+    better = value > best
+    out.masked_fill_(better, c)
+    return torch.where(better, value, best)
 
 
 def _composed_taps(n_in: int, n_mid: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +176,8 @@ def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int],
     whose largest value is below that floor (less a margin far above rounding) cannot win in the
     tile and is skipped, as in labels_at.
     """
-    if probs.ndim != 4:
-        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
-    b, k, h, w = probs.shape
-    height, width = int(size[0]), int(size[1])
+    probs, (b, k, h, w), (height, width) = _scores_and_size(probs, size)
     device = probs.device
-    probs = probs.float()
     yi, yw = (t.to(device) for t in _composed_taps(h, int(via[0]), height))
     xi, xw = (t.to(device) for t in _composed_taps(w, int(via[1]), width))
     yw, xw = yw.float(), xw.float()
@@ -201,13 +205,7 @@ def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int],
                     band = block[cls]
                     along_w = sum(band.index_select(-1, c[:, t]) * wc[:, t] for t in range(3))
                     value = sum(along_w.index_select(-2, r[:, t]) * a[:, t, None] for t in range(3))
-                    if best is None:
-                        best = value
-                        out.fill_(cls)
-                    else:
-                        better = value > best
-                        best = torch.where(better, value, best)
-                        out.masked_fill_(better, cls)
+                    best = _keep_best(best, value, out, cls)
     return labels
 
 
