@@ -9,8 +9,10 @@ labels at the input size.
                                     overrides=["protocol=naclip", "model.dense=naclip"])
 
 Under MaskCLIP's protocols (whole image, slide) the refiners get softmax(s * logits) on the
-patch grid and the labels are the argmax of the upsampled result (of the logits when no refiner
-runs, as mmseg upsamples MaskCLIP's head output). Under the SCLIP-family harness
+patch grid and the labels are the argmax of the upsampled result, or of what MaskCLIP's
+official head outputs where that differs (the logits when no refiner runs, the cosines with
+PD's dropped classes at -100, KS's mixture: Chain.refine), which is resized as mmseg resizes the
+head output: to the image the network saw, then to the original size (head_labels). Under the SCLIP-family harness
 (generator mode "harness") they get the probabilities of every text query at the image size,
 softmax(s * pixel_cos), with guidance.image the resized image the model saw brought back to the
 image size (what the harness's PAMR reads) and guidance.grid its patch grid; after them each
@@ -72,6 +74,13 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
 _TIE_MARGIN = 1e-5  # relative to the cell's largest value; float32 rounding of the interpolation is < 1e-6
 
 
+def _scores_and_size(probs: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, tuple, tuple[int, int]]:
+    """float32 scores (B, K, h, w), their shape and the output size as ints; ValueError unless 4-D."""
+    if probs.ndim != 4:
+        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
+    return probs.float(), tuple(probs.shape), (int(size[0]), int(size[1]))
+
+
 def labels_at(
     probs: torch.Tensor, size: tuple[int, int], tile_elements: int = 1 << 18, prune: Optional[bool] = None
 ) -> torch.Tensor:
@@ -89,12 +98,8 @@ def labels_at(
     F.interpolate(mode="bilinear", align_corners=False) up to float rounding, which can only
     matter at exact ties (ties go to the lowest class index).
     """
-    if probs.ndim != 4:
-        raise ValueError(f"probabilities must be (B, K, h, w), got shape {tuple(probs.shape)}")
-    b, k, h, w = probs.shape
-    height, width = int(size[0]), int(size[1])
+    probs, (b, k, h, w), (height, width) = _scores_and_size(probs, size)
     device = probs.device
-    probs = probs.float()
     y0, y1, wy0, wy1 = _bilinear_taps(h, height)
     x0, x1, wx0, wx1 = _bilinear_taps(w, width)
     y0d, y1d, wy0d, wy1d, x0d, x1d, wx0d, wx1d = (t.to(device) for t in (y0, y1, wy0, wy1, x0, x1, wx0, wx1))
@@ -125,13 +130,82 @@ def labels_at(
                     band = probs[images, c, first : last + 2]
                     along_w = band.index_select(-1, c0) * b0 + band.index_select(-1, c1) * b1
                     value = along_w.index_select(-2, r0) * a0 + along_w.index_select(-2, r1) * a1
-                    if best is None:
-                        best = value
-                        out.fill_(c)
-                    else:
-                        better = value > best
-                        best = torch.where(better, value, best)
-                        out.masked_fill_(better, c)
+                    best = _keep_best(best, value, out, c)
+    return labels
+
+
+def _keep_best(best: Optional[torch.Tensor], value: torch.Tensor, out: torch.Tensor, c: int) -> torch.Tensor:
+    """Running argmax: where class c's `value` beats `best` (strictly: ties keep the lower class),
+    write c into `out`; returns the new best values (`value` for the first class)."""
+    if best is None:
+        out.fill_(c)
+        return value
+    better = value > best
+    out.masked_fill_(better, c)
+    return torch.where(better, value, best)
+
+
+def _composed_taps(n_in: int, n_mid: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear n_in -> n_mid followed by n_mid -> n_out (align_corners=False) along one axis, as
+    one operator: source indices (n_out, 3) and weights (n_out, 3). Output pixel j reads two
+    middle pixels, which read two neighbouring input pixels each, so its taps lie in three
+    consecutive input pixels; weights are products of the two resizes' weights (float64)."""
+    a0, a1, aw0, aw1 = _bilinear_taps(n_mid, n_out)
+    b0, b1, bw0, bw1 = _bilinear_taps(n_in, n_mid)
+    first = b0[a0]
+    index = (first[:, None] + torch.arange(3)).clamp_(max=n_in - 1)
+    weights = torch.zeros(n_out, 3, dtype=torch.float64)
+    for mid, wm in ((a0, aw0.double()), (a1, aw1.double())):
+        for src, ws in ((b0[mid], bw0[mid].double()), (b1[mid], bw1[mid].double())):
+            weights.scatter_add_(1, (src - first)[:, None], (wm * ws)[:, None])
+    return index, weights
+
+
+def labels_via(probs: torch.Tensor, via: tuple[int, int], size: tuple[int, int], tile: int = 128) -> torch.Tensor:
+    """argmax over classes of scores (B, K, h, w) resized bilinearly to `via`, then to `size`.
+
+    mmseg's test path resizes the head output to the network input, then to the original image
+    (encode_decode, whole_inference). The two resizes are applied here as one three-tap operator
+    per axis (_composed_taps), on tiles of `tile` x `tile` output pixels, image by image and
+    class by class, so no K x via
+    map is held; the values equal the two-step ones up to float rounding (weights multiplied in
+    float64, the sums in float32), which can only matter at near-ties (ties go to the lowest
+    class index). Every output value is a convex combination of the input values its tile reads,
+    so the winner is at least the largest smallest value of a class there, and at least the
+    smallest value of the mean of the two or three classes with the largest values; a class
+    whose largest value is below that floor (less a margin far above rounding) cannot win in the
+    tile and is skipped, as in labels_at.
+    """
+    probs, (b, k, h, w), (height, width) = _scores_and_size(probs, size)
+    device = probs.device
+    yi, yw = (t.to(device) for t in _composed_taps(h, int(via[0]), height))
+    xi, xw = (t.to(device) for t in _composed_taps(w, int(via[1]), width))
+    yw, xw = yw.float(), xw.float()
+    labels = torch.empty((b, height, width), dtype=torch.int64, device=device)
+    for top in range(0, height, tile):
+        rows = slice(top, min(height, top + tile))
+        first, last = int(yi[rows].min()), int(yi[rows].max())
+        r, a = yi[rows] - first, yw[rows]
+        for left in range(0, width, tile):
+            cols = slice(left, min(width, left + tile))
+            start, stop = int(xi[cols].min()), int(xi[cols].max())
+            c, wc = xi[cols] - start, xw[cols]
+            for i in range(b):
+                block = probs[i, :, first : last + 1, start : stop + 1]
+                low, high = block.amin(dim=(1, 2)), block.amax(dim=(1, 2))
+                floor, total = low.max(), torch.zeros_like(block[0])
+                for m, leader in enumerate(high.topk(min(3, k)).indices.tolist(), start=1):
+                    total += block[leader]  # the winner is at least the mean of the m leaders
+                    floor = torch.maximum(floor, total.min() / m)
+                margin = _TIE_MARGIN * torch.maximum(high.abs().max(), low.abs().max())
+                classes = (high >= floor - margin).nonzero()[:, 0].tolist()
+                out = labels[i, rows, cols]
+                best = None
+                for cls in classes:
+                    band = block[cls]
+                    along_w = sum(band.index_select(-1, c[:, t]) * wc[:, t] for t in range(3))
+                    value = sum(along_w.index_select(-2, r[:, t]) * a[:, t, None] for t in range(3))
+                    best = _keep_best(best, value, out, cls)
     return labels
 
 
@@ -266,13 +340,14 @@ class Segmenter:
             probs0, guidance = self.probabilities(out, batch)
         predictions: list[dict[str, Prediction]] = [{} for _ in arrays]
         for name, chain in chains.items():
-            probs = chain(probs0, guidance)
+            probs, scores = chain.refine(probs0, guidance, None if harness else out.logits.float())
             start = time.perf_counter()
             if harness:
                 probs, labels = self.harness_labels(probs, size)
+            elif scores is None:
+                labels = labels_at(probs, size)
             else:
-                # mmseg upsamples the head's output before the argmax: MaskCLIP's logits when no refiner runs
-                labels = labels_at(probs if chain.refiners else out.logits.float(), size)
+                labels = self.head_labels(scores, tuple(out.image.shape[-2:]), size)
             labels = labels.cpu().numpy().astype(np.int64, copy=False)
             probs = probs.cpu() if keep_probs else None
             times = {"generator": generator_time, **{k: v / n for k, v in chain.last_times.items()},
@@ -285,6 +360,16 @@ class Segmenter:
                     times=dict(times),
                 )
         return predictions
+
+    @staticmethod
+    def head_labels(scores: torch.Tensor, seen: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Labels from the head's output on the patch grid (MaskCLIP's logits, or the official KS /
+        PD output: Chain.refine) as mmseg makes them: resized bilinearly to the image the network
+        saw (`seen`), then to the original `size`, then the argmax (encode_decode,
+        whole_inference, simple_test); one resize when the network saw the image at its size."""
+        if tuple(seen) == tuple(size):
+            return labels_at(scores, size)
+        return labels_via(scores, seen, size)
 
     def harness_probabilities(self, out: Any, chains: Mapping[str, Chain]) -> tuple[torch.Tensor, Guidance]:
         """The harness's query probabilities softmax(s * pixel_cos) at the image size, and the guidance."""

@@ -390,40 +390,223 @@ def harness_generator(cache, mode="sclip", **kw):
                            **settings)
 
 
+# Transcriptions of the official last-block code, on the model's own modules (conv1, ln_pre, the
+# blocks before the last, ln_1 / attn / ln_2 / mlp of the last, ln_post, proj). The official towers
+# run their blocks sequence-first (LND); open_clip's run batch-first, so the blocks before the last
+# are called as the model does and the tokens turned to LND for the transcribed last block.
+
+
+def official_interpolate_pos_encoding(visual, x, w, h):
+    """wangf3014/SCLIP b56bd3014b9e8a3ee3450bcfc53700a67d627b7a clip/model.py,
+    VisionTransformer.interpolate_pos_encoding (NACLIP 0cac3a6, ClearCLIP ad68a40 and ProxyCLIP
+    e7b767f carry the same function; NACLIP passes align_corners=False, recompute_scale_factor=False,
+    the defaults)."""
+    patch_size = visual.patch_size[0]
+    npatch = x.shape[1] - 1
+    N = visual.positional_embedding.shape[0] - 1
+    if npatch == N and w == h:
+        return visual.positional_embedding
+    class_pos_embed = visual.positional_embedding[[0]]
+    patch_pos_embed = visual.positional_embedding[1:]
+    dim = x.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode='bicubic',
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def official_qkv(attn_layer, x):
+    num_heads = attn_layer.num_heads
+    _, bsz, embed_dim = x.size()
+    head_dim = embed_dim // num_heads
+    q, k, v = F.linear(x, attn_layer.in_proj_weight, attn_layer.in_proj_bias).chunk(3, dim=-1)
+    q = q.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    return q, k, v, head_dim ** -0.5, bsz, embed_dim
+
+
+def official_attn_output(attn_layer, attn_weights, v, bsz, embed_dim):
+    attn_output = torch.bmm(attn_weights, v)
+    attn_output = attn_output.transpose(0, 1).contiguous().view(-1, bsz, embed_dim)
+    return attn_layer.out_proj(attn_output)
+
+
+def sclip_custom_attn(attn_layer, x):
+    """SCLIP b56bd30 clip/model.py, VisionTransformer.custom_attn with csa=True."""
+    q, k, v, scale, bsz, embed_dim = official_qkv(attn_layer, x)
+    q_attn = torch.bmm(q, q.transpose(1, 2)) * scale
+    k_attn = torch.bmm(k, k.transpose(1, 2)) * scale
+    attn_weights = F.softmax(q_attn, dim=-1) + F.softmax(k_attn, dim=-1)
+    return official_attn_output(attn_layer, attn_weights, v, bsz, embed_dim)
+
+
+def clearclip_custom_attn(attn_layer, x):
+    """ClearCLIP ad68a40 open_clip/transformer.py, VisionTransformer.custom_attn, model_type='ClearCLIP'."""
+    q, k, v, scale, bsz, embed_dim = official_qkv(attn_layer, x)
+    qq_attn = torch.bmm(q, q.transpose(1, 2)) * scale
+    attn_weights = F.softmax(qq_attn, dim=-1)
+    return official_attn_output(attn_layer, attn_weights, v, bsz, embed_dim)
+
+
+def naclip_gaussian_window(dim1, dim2, std=1.):
+    """NACLIP 0cac3a6 clip/model.py, VisionTransformer.gaussian_window."""
+    constant = 1 / (std * math.sqrt(2))
+    ks = list()
+    for dim in [dim1, dim2]:
+        start = -(dim - 1) / 2.0
+        k = torch.linspace(start=start * constant, end=(start + (dim - 1)) * constant, steps=dim, dtype=torch.float)
+        ks.append(k)
+    dist_square_to_mu = (torch.stack(torch.meshgrid(*ks, indexing='ij')) ** 2).sum(0)
+    return torch.exp(-dist_square_to_mu)
+
+
+def naclip_get_attention_addition(dim1, dim2, window, adjust_for_cls=True):
+    """NACLIP 0cac3a6 clip/model.py, VisionTransformer.get_attention_addition."""
+    m = torch.einsum('ij,kl->ijkl', torch.eye(dim1), torch.eye(dim2))
+    m = m.permute((0, 3, 1, 2)).contiguous()
+    out = F.conv2d(m.view(-1, dim1, dim2).unsqueeze(1), window.unsqueeze(0).unsqueeze(1), padding='same').squeeze(1)
+    out = out.view(dim1 * dim2, dim1 * dim2)
+    if adjust_for_cls:
+        v_adjusted = torch.vstack([torch.zeros((1, dim1 * dim2)), out])
+        out = torch.hstack([torch.zeros((dim1 * dim2 + 1, 1)), v_adjusted])
+    return out
+
+
+def naclip_custom_attn(attn_layer, x, n_patches, gaussian_std=5.0):
+    """NACLIP 0cac3a6 clip/model.py, VisionTransformer.custom_attn, attn_strategy='naclip' (its default
+    gaussian_std 5, naclip.py)."""
+    q, k, v, scale, bsz, embed_dim = official_qkv(attn_layer, x)
+    window_size = [side * 2 - 1 for side in n_patches]
+    window = naclip_gaussian_window(*window_size, std=gaussian_std)
+    addition = naclip_get_attention_addition(*n_patches, window).unsqueeze(0).to(x.dtype).to(x.device)
+    attn_weights = torch.bmm(k, k.transpose(1, 2)) * scale
+    omega = addition
+    attn_weights += omega
+    attn_weights = F.softmax(attn_weights, dim=-1)
+    return official_attn_output(attn_layer, attn_weights, v, bsz, embed_dim)
+
+
+def proxyclip_custom_attn(attn_layer, x, ex_feats, beta=1.2, gamma=3.0, token_size=(16, 16)):
+    """ProxyCLIP e7b767f open_clip/transformer.py, VisionTransformer.custom_attn."""
+    num_heads = attn_layer.num_heads
+    _, bsz, embed_dim = x.size()
+    head_dim = embed_dim // num_heads
+    q, k, v = F.linear(x, attn_layer.in_proj_weight, attn_layer.in_proj_bias).chunk(3, dim=-1)
+    v = v.contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+    B, C, H, W = ex_feats.shape
+    q_k = F.normalize(ex_feats.flatten(2, 3), dim=1)
+    similarity = torch.einsum("b c m, b c n -> b m n", q_k, q_k)
+    similarity = (similarity - torch.mean(similarity) * beta) * gamma
+    similarity[similarity < 0.0] = float('-inf')
+    mask = similarity.to(q.dtype).unsqueeze(1).repeat(1, num_heads, 1, 1)
+    mask = mask.reshape(bsz * num_heads, mask.shape[2], mask.shape[3])
+    attn_weights = F.softmax(mask, dim=-1)
+    v = v[:, 1:, :].reshape(bsz * num_heads, token_size[0], token_size[1], head_dim).permute(0, 3, 1, 2)
+    v = F.interpolate(v, size=(H, W), mode='bilinear', align_corners=False)
+    v = v.permute(0, 2, 3, 1).reshape(bsz * num_heads, H * W, head_dim)
+    attn_output = torch.bmm(attn_weights, v)
+    attn_output = attn_output.transpose(0, 1).contiguous().view(-1, bsz, embed_dim)
+    return attn_layer.out_proj(attn_output)
+
+
+def maskclip_last_layer(blk, x):
+    """MaskCLIP 245d31f mmseg/models/backbones/vit.py, TransformerEncoderLayer.forward with return_qkv
+    (the value path: v = out_proj(v) + x, then the FFN with its residual), on batch-first tokens."""
+    y = blk.ln_1(x)
+    y = F.linear(y, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+    N, L, C = y.shape
+    y = y.view(N, L, 3, C // 3).permute(2, 0, 1, 3).reshape(3 * N, L, C // 3)
+    y = F.linear(y, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
+    q, k, v = y.tensor_split(3, dim=0)
+    v += x
+    return v + blk.mlp(blk.ln_2(v))
+
+
+def their_encode_image(visual, img, mode, ex_feats=None):
+    """The official VisionTransformer.forward (return_all / tokens) of each method: conv1, class
+    token, positional embedding (the native table when the token count is native, else
+    interpolate_pos_encoding), ln_pre, the blocks, the method's last block, ln_post, proj. SCLIP
+    b56bd30 and NACLIP 0cac3a6 clip/model.py, ClearCLIP ad68a40 (ignore_residual=True) and ProxyCLIP
+    e7b767f open_clip/transformer.py; "maskclip": MaskCLIP's value path (maskclip_last_layer)."""
+    B, nc, w, h = img.shape
+    patch_size = visual.patch_size[0]
+    x = visual.conv1(img)
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    x = x.permute(0, 2, 1)
+    x = torch.cat([visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype), x], dim=1)
+    if x.shape[1] != visual.positional_embedding.shape[0]:
+        x = x + official_interpolate_pos_encoding(visual, x, w, h).to(x.dtype)
+    else:
+        x = x + visual.positional_embedding.to(x.dtype)
+    x = visual.ln_pre(x)
+    for blk in visual.transformer.resblocks[:-1]:
+        x = blk(x)  # the model's own (batch-first) blocks
+    blk = visual.transformer.resblocks[-1]
+    if mode == "maskclip":
+        x = maskclip_last_layer(blk, x)
+    else:
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        if mode == "sclip":
+            x = x + sclip_custom_attn(blk.attn, blk.ln_1(x))
+            x = x + blk.mlp(blk.ln_2(x))
+        elif mode == "naclip":  # arch 'reduced'
+            x = naclip_custom_attn(blk.attn, blk.ln_1(x), (w // patch_size, h // patch_size))
+        elif mode == "clearclip":  # ignore_residual=True, last_n_layers=1
+            x = clearclip_custom_attn(blk.attn, blk.ln_1(x))
+        elif mode == "proxyclip":
+            token_size = h // patch_size, w // patch_size
+            x = proxyclip_custom_attn(blk.attn, blk.ln_1(x), ex_feats=ex_feats, token_size=token_size)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+    return visual.ln_post(x) @ visual.proj
+
+
 def their_forward_feature(gen, mode):
-    """Their forward_feature on one crop, as the map on its patch grid: CLIP's conv1 (remainder dropped), the
-    (g + 0.1) positional rule, the last block of `mode`, features normalised against every query."""
+    """Their forward_feature on one crop, as the map on its patch grid (SCLIP b56bd30
+    clip_segmentor.py; ProxyCLIP e7b767f proxyclip_segmentor.py: the VFM sees norm(unnorm(crop)),
+    the whole padded crop, its patch features are ex_feats and the map is on the VFM grid)."""
     visual = gen.model.visual
     text = gen.classifier.embeddings
 
-    def crop_fn(crop):
-        b = crop.shape[0]
-        x = visual.conv1(crop)
-        grid = tuple(x.shape[-2:])
-        x = x.flatten(2).transpose(1, 2)
-        pos = interpolate_pos_embed_offset(visual.positional_embedding, (4, 4), grid)
-        x = visual.ln_pre(torch.cat([visual.class_embedding.expand(b, 1, -1), x], 1) + pos)
-        for block in visual.transformer.resblocks[:-1]:
-            x = block(x)
-        extra = {}
-        if mode == "proxyclip":  # ProxyCLIP: the VFM sees norm(unnorm(crop)), the whole padded crop
-            extra = {"vfm_features": gen.backbone.vfm(crop * gen.std + gen.mean)}
-        feats, _ = dense_last_block(visual, x, grid, mode, **extra)
-        return torch.einsum("bdhw,md->bmhw", F.normalize(feats, dim=1), text)
+    def crop_fn(img):
+        ex_feats = None
+        if mode == "proxyclip":
+            ex_feats = gen.backbone.vfm(img * gen.std + gen.mean)
+        image_features = their_encode_image(visual, img, mode, ex_feats)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        if mode != "proxyclip":
+            image_features = image_features[:, 1:]
+        logits = image_features @ text.T
+        if mode == "proxyclip":
+            I, J = ex_feats.shape[-2:]
+        else:
+            I, J = img.shape[-2] // visual.patch_size[0], img.shape[-1] // visual.patch_size[1]
+        return logits.permute(0, 2, 1).reshape(-1, logits.shape[-1], I, J)
 
     return crop_fn
 
 
 @pytest.mark.parametrize(
-    "mode,size,window,stride,pad_to",
-    [("sclip", (50, 70), 32, 16, None), ("naclip", (45, 81), None, None, None), ("clearclip", (50, 70), 40, 24, "patch"),
-     ("proxyclip", (50, 70), 48, 16, 56), ("maskclip", (61, 50), 32, 16, None)],
+    "mode,size,window,stride,pad_to,short",
+    [("sclip", (50, 70), 32, 16, None, 48), ("naclip", (45, 81), None, None, None, 48),
+     ("clearclip", (50, 70), 40, 24, "patch", 48), ("proxyclip", (50, 70), 48, 16, 56, 48),
+     ("maskclip", (61, 50), 32, 16, None, 48),
+     ("sclip", (64, 100), 64, 32, None, 64), ("naclip", (70, 70), None, None, None, 64)],  # native 4 x 4 crops
 )
-def test_pixel_cos_equals_their_slide_loop(text_cache, mode, size, window, stride, pad_to):
-    gen = harness_generator(text_cache, mode, window=window, stride=stride, pad_to=pad_to)
+def test_pixel_cos_equals_their_slide_loop(text_cache, mode, size, window, stride, pad_to, short):
+    """The harness generator's pixel cosines against the official slide loop and forward passes; the
+    last two cases have crops of the tiny tower's native 4 x 4 grid (the native positional table)."""
+    gen = harness_generator(text_cache, mode, window=window, stride=stride, pad_to=pad_to, short_side=short)
     image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(11))
     out = gen(image)
-    resized = F.interpolate(image, size=rescale_size(*size, (2048, 48)), mode="bilinear", align_corners=False)
+    resized = F.interpolate(image, size=rescale_size(*size, (2048, short)), mode="bilinear", align_corners=False)
     normed = (resized - gen.mean) / gen.std
     h, w = normed.shape[-2:]
     pad = 16 if pad_to == "patch" else pad_to

@@ -184,19 +184,76 @@ def test_prompt_denoising_no_kept_mass_becomes_uniform_over_kept():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))
 
 
-@pytest.mark.parametrize("model", ["tiny_vit", "tiny_resnet"])
-def test_segmenter_chains_on_tiny_models_give_the_official_argmax(model, tmp_path):
-    """The generator's cosine scores and keys, through our presets and through the official head."""
+def official_maskclip_labels(cos, k, seen, size, pd_thresh=0.0, ks_thresh=0.0):
+    """Pixel labels of MaskCLIP's official test path for the head's cosines cos (N, C, H, W) and keys
+    k (N, HW, Ck), the network having seen the image at size `seen`, its original size `size`:
+    refine_output, encode_decode's and whole_inference's bilinear resizes, inference's softmax,
+    simple_test's argmax. Transcribed
+    from chongzhou96/MaskCLIP 245d31f809be9c1938f8f30561b6bf9ed033d746,
+    mmseg/models/decode_heads/maskclip_head.py (refine_output) and
+    mmseg/models/segmentors/encoder_decoder.py (encode_decode, whole_inference, inference, simple_test)."""
+    import torch.nn.functional as F
+
+    from official_maskclip import refine_output
+
+    output = refine_output(cos.clone(), k, pd_thresh, ks_thresh)
+    out = F.interpolate(output, size=seen, mode="bilinear", align_corners=False)  # encode_decode: img.shape
+    seg_logit = F.interpolate(out, size=size, mode="bilinear", align_corners=False)  # whole_inference: ori_shape
+    return F.softmax(seg_logit, dim=1).argmax(dim=1)
+
+
+@pytest.mark.parametrize("model,seen", [("tiny_vit", (64, 96)), ("tiny_vit", (48, 72)), ("tiny_resnet", (80, 120))])
+def test_segmenter_pixel_labels_equal_the_official_pipeline(model, seen, tmp_path):
+    """none / pd / ks / ks_pd on the tiny models' cosines and keys: the chains' argmax on the patch
+    grid, and the Segmenter's labels at every pixel, are the official ones (what is upsampled is
+    the official head's output, resized to the image the network saw, then to the image's size)."""
     from maskclip_apro.segmenter import Segmenter
 
-    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(9))
-    seg = Segmenter.from_pretrained(model=model, vocab=["cat", "dog", "grass", "sky"], refine="none",
-                                    overrides=["protocol=maskclip", f"generator.cache_dir={tmp_path}"])
-    out = seg.generate(image)
-    probs, guidance = Segmenter.probabilities(out, image)
+    g = torch.Generator().manual_seed(11)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(64, 96), mode="bilinear")
+    array = (image[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    seg = Segmenter.from_pretrained(model=model, vocab=["cat", "dog", "grass", "sky", "tree"], refine="none",
+                                    overrides=["protocol=maskclip", f"generator.cache_dir={tmp_path}",
+                                               "generator.templates=['a photo of a {}.']", "model.short_side=null",
+                                               f"generator.img_scale=[300,{seen[0]}]"])
+    with torch.no_grad():  # random offsets, so that the tiny towers' classes vary over the image
+        for p in seg.generator.backbone.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    out = seg.generate(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255)
+    assert tuple(out.image.shape[-2:]) == seen  # (64, 96): the network sees the image at its size, one resize
+    probs, guidance = Segmenter.probabilities(out, out.image)
     assert out.keys is not None and out.keys.shape[-2:] == probs.shape[-2:]
     cos = (out.logits.double() / seg.generator.logit_scale).float()
-    for preset, official in OFFICIAL.items():
-        cfg = compose("refine", [f"refine={preset}"])
-        got = Chain.from_steps(cfg.refine.steps, cfg.refine)(probs, guidance)
-        assert torch.equal(got.flatten(2).argmax(1), official_argmax(cos, out.keys, **official))
+    keys = out.keys.flatten(2).transpose(1, 2)
+    official = {"none": {}, "pd": {"pd_thresh": 0.3}, "ks": {"ks_thresh": 1.0}, "ks_pd": {"pd_thresh": 0.3, "ks_thresh": 1.0}}
+    chains = {}
+    for preset in official:
+        cfg = compose("refine", [f"refine={preset}", "refine.pd.thresh=0.3"])
+        chains[preset] = Chain.from_steps(cfg.refine.steps, cfg.refine)
+        grid = official_argmax(cos, out.keys, **{"ks_thresh": 0.0, **official[preset]})
+        assert torch.equal(chains[preset](probs, guidance).flatten(2).argmax(1), grid)
+    got = seg.predict_many(array, chains)
+    labels = set()
+    for preset, kw in official.items():
+        expected = official_maskclip_labels(cos, keys, seen, (64, 96), **kw)[0].numpy()
+        assert (got[preset].labels == expected).all(), (preset, float((got[preset].labels != expected).mean()))
+        labels |= set(expected.flatten().tolist())
+    assert len(labels) > 1
+
+
+@pytest.mark.parametrize("tile", [8, 128])
+def test_labels_via_the_network_input_equal_mmseg_two_resizes(tile):
+    """segmenter.labels_via (one composed operator, tiles with class pruning) against
+    encode_decode's resize to the network input then whole_inference's to the original size."""
+    import torch.nn.functional as F
+
+    from maskclip_apro.segmenter import labels_via
+
+    g = torch.Generator().manual_seed(3)
+    regions = F.interpolate(torch.randint(0, 9, (1, 1, 3, 4), generator=g).float(), size=(9, 12)).long()[:, 0]
+    scores = 4 * F.one_hot(regions, 9).permute(0, 3, 1, 2).float() + torch.randn(1, 9, 9, 12, generator=g)
+    scores = torch.cat([scores, torch.randn(1, 9, 9, 12, generator=g)])  # and one image of noise
+    for via, size in (((144, 192), (75, 101)), ((40, 50), (97, 130)), ((9, 12), (30, 40))):
+        out = F.interpolate(scores, size=via, mode="bilinear", align_corners=False)
+        expected = F.interpolate(out, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+        assert torch.equal(labels_via(scores, via, size, tile=tile), expected)

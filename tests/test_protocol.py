@@ -136,14 +136,17 @@ def test_from_pretrained_under_the_maskclip_protocol(cache):
 
 
 def test_labels_without_refiners_come_from_the_upsampled_logits(cache):
-    """mmseg upsamples MaskCLIP's head output (the logits), then takes the argmax."""
+    """mmseg upsamples MaskCLIP's head output (the logits) to the network input, then to the image
+    (encode_decode, whole_inference), then takes the argmax."""
     seg = Segmenter.from_pretrained(model="tiny_vit", vocab=["cat", "dog", "grass"], refine="none",
                                     overrides=[f"generator.cache_dir={cache}"])
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
     pred = seg.predict_many(image, {"MaskCLIP": Chain([])})["MaskCLIP"]
     out = seg.generate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
-    want = F.interpolate(out.logits, size=(50, 70), mode="bilinear", align_corners=False).argmax(1)[0]
+    seen = F.interpolate(out.logits, size=out.image.shape[-2:], mode="bilinear", align_corners=False)
+    assert out.image.shape[-2:] != (50, 70)
+    want = F.interpolate(seen, size=(50, 70), mode="bilinear", align_corners=False).argmax(1)[0]
     assert np.array_equal(pred.labels, want.numpy())
 
 

@@ -306,7 +306,8 @@ def test_teacher_targets(steps, weights):
     assert len(t.soft) == len(expected)
     for a, b in zip(t.soft, expected):
         torch.testing.assert_close(a, b)
-    mean = p if not expected else sum(expected) / len(expected)
+    mean = F.interpolate(StubGenerator()(images).logits, size=(16, 16), mode="bilinear", align_corners=False) if not expected \
+        else sum(expected) / len(expected)  # no refiner: the official teacher upsamples its cosines
     assert torch.equal(t.hard, mean.argmax(1))
 
 
@@ -342,23 +343,50 @@ class KeyedStubGenerator(StubGenerator):
 PD_LOW = {"pd": {"thresh": 0.05}}  # keeps most classes of the stub, so KS has something to smooth
 
 
-def test_teacher_passes_the_generator_keys_to_key_smoothing():
-    """refine=ks_pd in the teacher: PD then KS on the generator's keys, then labels at the crop size."""
-    from maskclip_apro.refiners import Guidance, build_refiner
-    from maskclip_apro.segmenter import labels_at
+def official_clip_labels(cos, k, size, pd_thresh=0.0, ks_thresh=0.0):
+    """The official MaskCLIP+ teacher's labels for cosines cos (N, C, H, W) and keys k (N, HW, Ck):
+    refine_clip_output, then assign_label's bilinear resize to the label size and argmax (every
+    pixel unlabelled). Transcribed from chongzhou96/MaskCLIP 245d31f809be9c1938f8f30561b6bf9ed033d746,
+    mmseg/models/decode_heads/maskclip_plus_head.py (refine_clip_output, assign_label)."""
+    from official_maskclip import refine_output
 
+    output = refine_output(cos.clone(), k, pd_thresh, ks_thresh)
+    output = F.interpolate(output, size=size, mode="bilinear", align_corners=False)
+    return output.permute(0, 2, 3, 1).argmax(dim=-1)
+
+
+def test_teacher_labels_equal_the_official_maskclip_plus_teacher():
+    """refine=none / pd / ks / ks_pd in the teacher: the official head's output is upsampled (the
+    cosines, with -100 on dropped classes, or KS's mixture), not renormalised probabilities."""
     torch.manual_seed(4)
     images = F.interpolate(torch.rand(2, 3, 4, 4) * 2 - 1, scale_factor=8, mode="nearest")  # one value per patch: several classes
     generator = KeyedStubGenerator()
-    t = Teacher(generator, Chain.from_steps(["pd", "ks"], PD_LOW))(images, torch.ones(2, 32, 32, dtype=torch.bool))
     out = generator(images)
-    p = torch.softmax(out.logits, 1)
-    guidance = Guidance(image=images, keys=out.keys)
-    denoised = build_refiner("pd", PD_LOW)(p, guidance)
-    expected = build_refiner("ks", {})(denoised, guidance)
-    assert t.soft == [] and torch.equal(t.hard, labels_at(expected, (32, 32)))
-    assert len(t.hard.unique()) > 1
-    assert not torch.equal(t.hard, labels_at(denoised, (32, 32)))  # KS moved labels: the keys were used
+    cos = out.logits / 100  # the stub's logits play 100 cos, as the generator's
+    keys = out.keys.flatten(2).transpose(1, 2)
+    for steps, official in (([], {}), (["pd"], {"pd_thresh": 0.05}), (["ks"], {"ks_thresh": 1.0}),
+                            (["pd", "ks"], {"pd_thresh": 0.05, "ks_thresh": 1.0})):
+        t = Teacher(generator, Chain.from_steps(steps, PD_LOW))(images, torch.ones(2, 32, 32, dtype=torch.bool))
+        assert t.soft == [] and torch.equal(t.hard, official_clip_labels(cos, keys, (32, 32), **official)), steps
+        assert len(t.hard.unique()) > 1
+
+
+def test_teacher_sees_a_padded_crop_as_the_official_head():
+    """padded=crop: the padded crop at its own scale (the official `self.clip(img)`), labels 255 on
+    the padding; padded=valid: the valid rectangle alone."""
+    torch.manual_seed(5)
+    images = F.interpolate(torch.rand(2, 3, 4, 4), scale_factor=8, mode="nearest")
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[1, 20:] = False
+    generator = StubGenerator()
+    t = Teacher(generator, Chain([]))(images, valid)
+    expected = official_clip_labels(generator(images).logits / 100, None, (32, 32))
+    expected[~valid] = 255  # gt_semantic_seg is 255 on the padding (mmseg Pad seg_pad_val)
+    assert torch.equal(t.hard, expected)
+    alone = Teacher(generator, Chain([]), padded="valid")(images, valid)
+    assert torch.equal(alone.hard[1, :20], official_clip_labels(generator(images[1:, :, :20]).logits / 100, None, (20, 32))[0])
+    with pytest.raises(ValueError, match="padded-crop input must be one of"):
+        Teacher(generator, padded="rescaled")
 
 
 def test_teacher_ignores_padding():
@@ -367,7 +395,7 @@ def test_teacher_ignores_padding():
     valid = torch.ones(2, 16, 16, dtype=torch.bool)
     valid[1, 10:] = False
     valid[1, :, 12:] = False
-    teacher = Teacher(StubGenerator(), Chain.from_steps(["apro"], {"apro": {"iters": 2, "backend": "torch"}}))
+    teacher = Teacher(StubGenerator(), Chain.from_steps(["apro"], {"apro": {"iters": 2, "backend": "torch"}}), padded="valid")
     t = teacher(images, valid)
     assert (t.hard[1][~valid[1]] == 255).all() and (t.hard[1][valid[1]] != 255).all()
     alone = teacher(images[1:, :, :10, :12], valid[1:, :10, :12])
@@ -512,3 +540,66 @@ def test_checkpoint_module_does_not_import_the_model_module():
     tree = ast.parse(Path(ckpt.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(m and m.endswith("deeplabv2") for m in imported)
+
+
+def mmseg020_cross_entropy(pred, label, ignore_index=255):
+    """Transcription of mmseg 0.20's CrossEntropyLoss as MaskCLIP+ calls it (reduction 'mean', no
+    weight, no avg_factor; there is no avg_non_ignore in that version): chongzhou96/MaskCLIP
+    245d31f809be9c1938f8f30561b6bf9ed033d746, mmseg/models/losses/cross_entropy_loss.py
+    (cross_entropy) and mmseg/models/losses/utils.py (weight_reduce_loss, reduce_loss)."""
+
+    def reduce_loss(loss, reduction):
+        reduction_enum = F._Reduction.get_enum(reduction)
+        if reduction_enum == 0:
+            return loss
+        elif reduction_enum == 1:
+            return loss.mean()
+        elif reduction_enum == 2:
+            return loss.sum()
+
+    def weight_reduce_loss(loss, weight=None, reduction="mean", avg_factor=None):
+        if weight is not None:
+            loss = loss * weight
+        if avg_factor is None:
+            loss = reduce_loss(loss, reduction)
+        else:
+            if reduction == "mean":
+                loss = loss.sum() / avg_factor
+            elif reduction != "none":
+                raise ValueError('avg_factor can not be used with reduction="sum"')
+        return loss
+
+    loss = F.cross_entropy(pred, label, weight=None, reduction="none", ignore_index=ignore_index)
+    return weight_reduce_loss(loss, weight=None, reduction="mean", avg_factor=None)
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_trainer_cross_entropy_is_normalised_as_mmseg(tmp_path, avg_non_ignore):
+    """loss.avg_non_ignore=false (default): the CE of a step equals mmseg 0.20's mean over every
+    crop pixel of each GPU's batch, averaged over GPUs (2 simulated GPUs of 2 crops); true: the sum
+    over the labelled pixels divided by their number. Ignored pixels: padding and a void band."""
+    from maskclip_apro.config import compose
+    from maskclip_apro.distributed import DistInfo
+    from maskclip_apro.student.trainer import Trainer
+
+    cfg = compose("train", [
+        "dataset=synthetic", "dataset.num_images=4", "student=tiny", "student.head=aspp", "model=tiny_vit", "crop=32",
+        "batch_size=4", "iters=2", "workers=0", "eval.interval=0", "checkpoint.interval=0", "device=cpu",
+        "refine=none", f"output_dir={tmp_path}", f"loss.avg_non_ignore={str(avg_non_ignore).lower()}",
+    ])
+    trainer = Trainer(cfg, generator=StubGenerator(num_classes=5), info=DistInfo())  # synthetic: 5 classes
+    mb = next(iter(trainer._loader(1)))
+    mb["valid"][0, 20:] = False
+    mb["valid"][3, :, :9] = False
+    trainer.model.train()
+    with torch.no_grad():
+        logits = trainer.model(mb["image"])
+    hard = trainer._targets(mb, mb["image"], mb["valid"]).hard
+    labelled = hard != 255
+    assert 0 < int(labelled.sum()) < hard.numel()
+    if avg_non_ignore:
+        expected = float(F.cross_entropy(logits, hard, ignore_index=255, reduction="sum")) / int(labelled.sum())
+    else:
+        expected = sum(float(mmseg020_cross_entropy(logits[i : i + 2], hard[i : i + 2])) for i in (0, 2)) / 2
+    assert trainer.train_step([mb])["loss_ce"] == pytest.approx(expected, rel=1e-5)
+

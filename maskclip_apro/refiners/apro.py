@@ -29,12 +29,13 @@ def guide_size(height: int, width: int, long_side: Optional[int]) -> tuple[int, 
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, H, W) to `size`, antialiased when shrinking; unchanged if already there."""
+def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W) to `size`, antialiased when shrinking if `antialias`;
+    unchanged if already there."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias and shrink)
 
 
 def work_size(image_size: tuple[int, int], grid_size: tuple[int, int], scale: Optional[float]) -> tuple[int, int]:
@@ -70,6 +71,11 @@ class APro:
 
     LP: `iters` steps of y_i <- sum_j psi_s(i, j) y_j / sum_j psi_s(i, j) over the in-image
     pixels of the k x k window, psi_s(i, j) = exp(-|I_i - I_j|^2 / zeta_s^2).
+
+    `antialias`: whether the guide image is antialiased when shrunk to the GP / LP resolutions.
+    The official heads shrink it with plain bilinear F.interpolate (CircleRadon/APro,
+    box_solov2_head.py; `refine=apro_official`: false); `refine=apro`'s ζ were calibrated with
+    the antialiased guide (true).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class APro:
         gp_scale: Optional[float] = 2.0,
         lp_scale: Optional[float] = 4.0,
         backend: str = "auto",
+        antialias: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"APro mode must be one of {MODES}, got {mode!r}")
@@ -99,6 +106,9 @@ class APro:
         self.gp_scale = check_positive("apro gp_scale", gp_scale, optional=True)
         self.lp_scale = check_positive("apro lp_scale", lp_scale, optional=True)
         self.backend = backend
+        if not isinstance(antialias, bool):
+            raise ValueError(f"apro antialias must be true or false, got {antialias!r}")
+        self.antialias = antialias
         self.name = {"parallel": "apro", "lp_gp": "lp>gp", "gp_lp": "gp>lp"}.get(mode, mode)
 
     def _second(self, tree: Tree, out: torch.Tensor, guidance: Guidance) -> torch.Tensor:
@@ -137,8 +147,8 @@ class APro:
         grid = probs.shape[-2:] if guidance.grid is None else guidance.grid
         out_size = work_size(image.shape[-2:], grid, self.lp_scale)
         gp_size = work_size(image.shape[-2:], grid, self.gp_scale)
-        out_guide = resize(normalized, out_size)
-        gp_guide = resize(normalized, gp_size)
+        out_guide = resize(normalized, out_size, self.antialias)
+        gp_guide = resize(normalized, gp_size, self.antialias)
         probs = probs.float()
 
         def gp(p: torch.Tensor) -> torch.Tensor:

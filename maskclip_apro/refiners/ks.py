@@ -25,6 +25,8 @@ is: its W P is constant across classes, and its argmax is class 0 as in the offi
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,14 @@ class KeySmoothing:
         return unit.transpose(1, 2) @ unit
 
     def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+        return self.with_scores(probs, guidance)[0]
+
+    def with_scores(
+        self, probs: torch.Tensor, guidance: Guidance, scores: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(Q, S): the smoothed probabilities, and the official head's output, the mixture of S_i
+        (smoothed positions) and P_i (the others), which mmseg upsamples before the argmax
+        (refiners/chain.py). The incoming `scores` are not read: the official KS starts from P."""
         check_map("probs", probs)
         keys = guidance.keys
         if keys is None:
@@ -62,13 +72,14 @@ class KeySmoothing:
         check_pair("probs", probs, "guidance.keys", keys)
         b, k, h, w = probs.shape
         p = probs.reshape(b, k, h * w)
-        smoothed = p @ self.weights(keys.reshape(b, keys.shape[1], h * w).to(p.dtype))  # column i: sum_j W_ij P_j
-        shift = smoothed.amin(dim=1, keepdim=True).clamp_max(0)
-        smoothed = smoothed - shift
+        mixed = p @ self.weights(keys.reshape(b, keys.shape[1], h * w).to(p.dtype))  # column i: sum_j W_ij P_j
+        shift = mixed.amin(dim=1, keepdim=True).clamp_max(0)
+        smoothed = mixed - shift
         mass = smoothed.sum(dim=1, keepdim=True)
         smoothed = torch.where(mass > 0, smoothed / mass.clamp_min(torch.finfo(p.dtype).tiny), torch.full_like(p, 1.0 / k))
         # An image uniform in every class (PD dropped them all) has W P constant across classes:
         # keep it uniform, so its argmax is class 0 whatever the rounding of the product.
         uniform = (p == p[:, :1, :1]).flatten(1).all(dim=1)[:, None, None]
         selected = (p.amax(dim=1, keepdim=True).to(torch.float32) < self.thresh) & ~uniform
-        return torch.where(selected, smoothed, p).reshape(b, k, h, w)
+        return (torch.where(selected, smoothed, p).reshape(b, k, h, w),
+                torch.where(selected, mixed, p).reshape(b, k, h, w))

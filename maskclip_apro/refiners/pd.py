@@ -14,7 +14,7 @@ it); the official head has no such rule and leaves `keep` empty.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +32,16 @@ class PromptDenoising:
         self.keep = tuple(check_int("pd keep entries (class indices)", i, 0) for i in keep)
 
     def __call__(self, probs: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+        return self.with_scores(probs, guidance)[0]
+
+    def with_scores(
+        self, probs: torch.Tensor, guidance: Guidance, scores: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(P', scores'): the denoised probabilities, and the incoming scores (the generator's
+        logits, s * cos) with every dropped class set to one constant below all of them, the
+        official -100 on cosines, which mmseg upsamples before the argmax (refiners/chain.py). A
+        class constant over the image and below every kept score never wins, so the labels do not
+        depend on the constant. None when no scores come in."""
         check_map("probs", probs)
         b, k = probs.shape[:2]
         if any(i >= k for i in self.keep):
@@ -46,4 +56,9 @@ class PromptDenoising:
         # A position where every kept class underflowed to 0 has lost its ranking; it becomes
         # uniform over the kept classes (the official scores would still rank them).
         uniform = mask / mask.sum(dim=1, keepdim=True)
-        return torch.where(mass > 0, masked / mass.clamp_min(torch.finfo(probs.dtype).tiny), uniform)
+        out = torch.where(mass > 0, masked / mass.clamp_min(torch.finfo(probs.dtype).tiny), uniform)
+        if scores is None:
+            return out, None
+        dropped = ~kept | none_kept[:, None]
+        floor = min(-100.0, float(scores.min()) - 1.0)
+        return out, scores.masked_fill(dropped[:, :, None, None], floor)

@@ -2,7 +2,10 @@
 
 Both terms are returned as SUMS over pixels; the trainer divides by pixel counts taken over the
 whole global batch (all processes, all micro-batches), so that a step's gradient is the same
-however the batch is split across processes.
+however the batch is split across processes. The cross-entropy is divided as mmseg 0.20 divides it
+(what MaskCLIP+ trains with): by every crop pixel, ignored ones included, unless
+`loss.avg_non_ignore` asks for the labelled pixels only; the L1 terms are always divided by the
+supervised pixels, as APro divides by the box region (docs/student.md).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def loss_sums(
     return LossSums(ce=ce, l1=l1)
 
 
-def combine(sums: LossSums, num_labelled: float, num_masked: float, ce_weight: float) -> torch.Tensor:
-    """ce_weight · CE mean + weighted L1 mean, means over the given (global) pixel counts."""
-    return ce_weight * sums.ce / max(num_labelled, 1.0) + sums.l1 / max(num_masked, 1.0)
+def combine(sums: LossSums, ce_pixels: float, num_masked: float, ce_weight: float) -> torch.Tensor:
+    """ce_weight · CE sum / ce_pixels + weighted L1 sum / num_masked (global pixel counts): ce_pixels
+    is every crop pixel (mmseg 0.20) or the labelled ones (`loss.avg_non_ignore`)."""
+    return ce_weight * sums.ce / max(ce_pixels, 1.0) + sums.l1 / max(num_masked, 1.0)

@@ -2,11 +2,16 @@
 
 On each training crop: generator -> softmax -> refiner chain (the `refine` preset: KS, PD, APro,
 PAMR, ... with the same parameters as scripts/refine.py) -> hard label = argmax of the chain's
-output, bilinearly upsampled to the crop. When the chain holds an APro step, that step's separate
+label scores (Chain.refine: the logits without refiners, the official head's output after KS /
+PD, else the chain's probabilities), bilinearly upsampled to the crop. When the chain holds an
+APro step, that step's separate
 maps (seed Table 7: GP and LP side by side for "apro", one map for a cascade) are also returned as
 soft targets for the L1 loss, each with the weight of the propagation it ends with (GP or LP).
-Padded crop pixels never reach the teacher: a padded crop is labelled on its valid rectangle
-alone and gets ignore (255) / zero targets outside it.
+Padded crops (`padded`): "crop" (default) runs the teacher on the padded crop as it is, the
+padding included, at the crop's own scale, as the official MaskCLIP+ head does (`self.clip(img)`
+on the padded training image, chongzhou96/MaskCLIP mmseg/models/decode_heads/maskclip_plus_head.py);
+"valid" runs it on the valid rectangle alone (which the generator then rescales to its short side).
+Either way the padding gets ignore (255) / zero targets.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from ..constants import IGNORE_INDEX
 from ..refiners import Chain
 from ..refiners.apro import APro
+from ..refiners.chain import step_with_scores
 from ..segmenter import Segmenter, labels_at
 
 # The propagation each APro mode's maps end with ("parallel" returns [GP, LP]).
@@ -40,8 +46,11 @@ class Teacher:
     """Frozen generator + refiner chain; call with crops (B, 3, H, W) in [0, 1] and a valid mask (B, H, W).
 
     gp_weight / lp_weight: L1 weights of GP- and LP-refined soft targets (APro's official heads:
-    2 and 1, CircleRadon/APro mmdet/models/dense_heads/box_solov2_head.py).
+    2 and 1, CircleRadon/APro mmdet/models/dense_heads/box_solov2_head.py). padded: "crop" | "valid",
+    what the teacher sees of a padded crop (module docstring).
     """
+
+    PADDED = ("crop", "valid")
 
     def __init__(
         self,
@@ -50,7 +59,11 @@ class Teacher:
         num_classes: Optional[int] = None,
         gp_weight: float = 2.0,
         lp_weight: float = 1.0,
+        padded: str = "crop",
     ):
+        if padded not in self.PADDED:
+            raise ValueError(f"the teacher's padded-crop input must be one of {self.PADDED}, got {padded!r}")
+        self.padded = padded
         self.generator = generator
         self.chain = chain or Chain([])
         apro = [i for i, r in enumerate(self.chain.refiners) if isinstance(r, APro)]
@@ -71,24 +84,30 @@ class Teacher:
                 "check the vocabulary / background settings"
             )
         probs, guidance = Segmenter.probabilities(out, images)
+        scores: Optional[torch.Tensor] = out.logits.float()
         soft: List[torch.Tensor] = []
         for i, refiner in enumerate(self.chain.refiners):
             if i == self.apro_index:
                 soft = refiner.targets(probs, guidance)
-                probs = soft[0] if len(soft) == 1 else sum(soft) / len(soft)
+                probs, scores = soft[0] if len(soft) == 1 else sum(soft) / len(soft), None
             else:
-                probs = refiner(probs, guidance)
+                probs, scores = step_with_scores(refiner, probs, guidance, scores)
         size = tuple(images.shape[-2:])
         soft = [m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                 for m in soft]
-        return Targets(hard=labels_at(probs, size), soft=soft, weights=list(self.weights) if soft else [])
+        hard = labels_at(probs if scores is None else scores, size)
+        return Targets(hard=hard, soft=soft, weights=list(self.weights) if soft else [])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, valid: torch.Tensor) -> Targets:
         full = valid.flatten(1).all(dim=1)
         b, _, h, w = images.shape
-        if bool(full.all()):
-            return self._label(images)
+        if bool(full.all()) or self.padded == "crop":
+            out = self._label(images)
+            out.hard[~valid] = IGNORE_INDEX
+            for m in out.soft:
+                m.mul_(valid.unsqueeze(1).to(m.dtype))
+            return out
         hard = torch.full((b, h, w), IGNORE_INDEX, dtype=torch.long, device=images.device)
         soft: List[torch.Tensor] = []
         weights: List[float] = []

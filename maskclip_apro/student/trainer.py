@@ -45,7 +45,7 @@ OPTIMIZERS = ("sgd", "adamw")
 CSV_FIELDS = ("step", "loss", "loss_ce", "loss_l1", "lr", "it_per_s", "mIoU", "aAcc")
 # Config keys that must not change when resuming (they change the loss sequence).
 RESUME_KEYS = ("seed", "batch_size", "crop", "accum", "iters", "train_split", "dataset", "student", "target",
-               "refine", "augment", "optim")
+               "refine", "augment", "optim", "loss")
 
 
 def per_dataset(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -199,6 +199,9 @@ class Trainer:
             self._notice_same_images()
         self.ignore_gt_void = self._resolve_ignore_gt_void()
         self.offline = bool(cfg.target.get("offline_dir"))
+        self.avg_non_ignore = cfg.get("loss", {}).get("avg_non_ignore", False)
+        if not isinstance(self.avg_non_ignore, bool):
+            raise ValueError(f"loss.avg_non_ignore must be true or false, got {self.avg_non_ignore!r}")
         head = str(cfg.student.get("head", "aspp"))
         if not self.offline or head == "text":
             generator = generator if generator is not None else self._build_generator()
@@ -270,7 +273,7 @@ class Trainer:
         t = self.cfg.target
         chain = Chain.from_steps(refine_steps(self.cfg), refine_params(self.cfg))
         return Teacher(generator, chain, num_classes=self.num_classes, gp_weight=float(t.gp_weight),
-                       lp_weight=float(t.lp_weight))
+                       lp_weight=float(t.lp_weight), padded=str(t.get("padded", "crop")))
 
     def _output_dir(self) -> Path:
         """output_dir, or with resume=latest the newest run of the same config next to it."""
@@ -331,15 +334,19 @@ class Trainer:
             targets.hard[label == IGNORE_INDEX] = IGNORE_INDEX
         return targets
 
-    def _counts(self, micro: List[Dict[str, torch.Tensor]]) -> float:
-        """Global (all processes, all micro-batches) count of the pixels the losses see."""
-        count = sum(int(self._mask(mb).sum()) for mb in micro)
-        return float(all_reduce_sum(torch.tensor([count], dtype=torch.float64, device=self.device), self.info)[0])
+    def _counts(self, micro: List[Dict[str, torch.Tensor]]) -> Tuple[float, float]:
+        """Global (all processes, all micro-batches) counts: the pixels the losses see, and the pixels
+        the cross-entropy is divided by (every crop pixel unless loss.avg_non_ignore)."""
+        seen = sum(int(self._mask(mb).sum()) for mb in micro)
+        pixels = sum(mb["valid"].numel() for mb in micro)
+        counts = all_reduce_sum(torch.tensor([seen, pixels], dtype=torch.float64, device=self.device), self.info)
+        seen_all, pixels_all = float(counts[0]), float(counts[1])
+        return seen_all, seen_all if self.avg_non_ignore else pixels_all
 
     def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """One optimizer step on this process's micro-batches; returns global loss terms."""
         self.model.train()
-        n = self._counts(micro)
+        n, n_ce = self._counts(micro)
         self.optimizer.zero_grad(set_to_none=True)
         logged = torch.zeros(3, dtype=torch.float64, device=self.device)
         net = self.ddp or self.model
@@ -354,9 +361,9 @@ class Trainer:
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                     logits = net(images)
                 sums = loss_sums(logits, targets.hard, targets.soft, targets.weights, mask)
-                loss = combine(sums, n, n, ce_weight)
+                loss = combine(sums, n_ce, n, ce_weight)
                 self.scaler.scale(loss * self.info.world_size).backward()
-            ce, l1 = sums.ce.detach() / max(n, 1.0), sums.l1.detach() / max(n, 1.0)
+            ce, l1 = sums.ce.detach() / max(n_ce, 1.0), sums.l1.detach() / max(n, 1.0)
             logged += torch.stack([loss.detach(), ce, l1]).double()
         self.scaler.step(self.optimizer)
         self.scaler.update()
