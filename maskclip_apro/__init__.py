@@ -6,7 +6,7 @@ commands' entry points, a config check) does not import torch and open_clip firs
 
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Segmenter", "Prediction", "__version__"]
 
 
