@@ -6,8 +6,9 @@ maxedge being the largest edge weight on the MST path between pixels i and j. Th
 built once per guide (`build_tree`) and reused for any number of channels (`propagate`);
 `reweight` keeps the MST topology but takes edge weights from other features (second pass).
 
-Backends and devices: see `maskclip_apro.apro`. Every backend builds the same tree (edges are
-ordered by weight, ties by edge index); docs/kernels.md describes each implementation.
+Backends and devices: see `maskclip_apro.apro`. Every backend builds the same tree, the official
+APro MST (float32 weights, ties to the lowest edge index, vertical edges indexed first: pass 1
+does not depend on it, pass 2 does); docs/kernels.md ("Which MST") describes each implementation.
 """
 
 from __future__ import annotations
