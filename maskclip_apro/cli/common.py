@@ -57,7 +57,8 @@ def skipped_inputs(dataset: Any, on_error: str, info: DistInfo = DistInfo()) -> 
     """The input files the dataset left out (data.base.SegDataset.skipped), printed on stderr by
     rank 0; under on_error=stop, files that share a name end the run instead (on every rank)."""
     skipped = [{"path": path, "why": why} for path, why in getattr(dataset, "skipped", [])]
-    shared = [entry for entry in skipped if "share the name" in entry["why"]]
+    clashes = getattr(dataset, "name_clashes", set())
+    shared = [entry for entry in skipped if entry["path"] in clashes]
     if shared and on_error == "stop":
         raise ValueError(f"{shared[0]['why']}; or run with on_error=skip to leave them out")
     for entry in skipped if info.is_main else []:

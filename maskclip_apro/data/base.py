@@ -166,8 +166,8 @@ class SegDataset(LabelledBy):
 
     label_lut (256,) uint8 maps raw label values to class indices (e.g. reduce_zero_label).
     Files that are not used are listed in `skipped` as (path, why): files that share a name
-    (both are left out: `dup.jpg` and `dup.png` would write one `labels/dup.png`) and, for
-    folder readers, entries that are not images (list_images).
+    (both are left out: `dup.jpg` and `dup.png` would write one `labels/dup.png`; their paths are
+    also in `name_clashes`) and, for folder readers, entries that are not images (list_images).
     """
 
     def __init__(
@@ -180,9 +180,11 @@ class SegDataset(LabelledBy):
     ) -> None:
         check_limit(limit)
         self.skipped: list[tuple[str, str]] = list(skipped)
+        self.name_clashes: set[str] = set()
         counts = Counter(it.name for it in items)
         for name in sorted(n for n, c in counts.items() if c > 1):
             same = [str(it.image_path) for it in items if it.name == name]
+            self.name_clashes.update(same)
             for path in same:
                 self.skipped.append((path, f"{len(same)} files share the name {name!r} ({', '.join(same)}); "
                                            "both are left out: rename one"))
