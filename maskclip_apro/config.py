@@ -140,9 +140,9 @@ def protocol_name(cfg: DictConfig) -> str:
     return str(generator.get("protocol") or "unnamed")
 
 
-def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
+def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str], load_clip=None):
     """The generator named by cfg.model and the protocol, for `class_names`, on cfg.device (run_device)
-    with its image tower in tower_precision's dtype.
+    with its image tower in tower_precision's dtype (load_clip: see generator.build_generator).
 
     Under mode=harness a `class_file` (a built-in name such as voc21_sclip, or a path) gives the
     text of each class; it must have one line per class of `class_names`.
@@ -166,7 +166,7 @@ def build_generator_from_config(cfg: DictConfig, class_names: Sequence[str]):
     device = run_device(cfg)
     return build_generator(
         cfg.model.name, cfg.model.get("pretrained"), list(class_names), device=device,
-        precision=tower_precision(cfg, device), **kwargs
+        precision=tower_precision(cfg, device), load_clip=load_clip, **kwargs
     )
 
 

@@ -21,7 +21,6 @@ empty or duplicate class, a preset the protocol cannot run) is a message in the 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import copy
 import html
 import shutil
@@ -83,27 +82,17 @@ class DemoModel:
             overrides.append(f"refine.apro.zeta_s={float(zeta_s)}")
         return compose("refine", overrides + self.overrides)
 
-    @contextlib.contextmanager
-    def _weights_loaded_once(self):
-        """While building a generator, the weights come from memory after the first load (a copy each time:
-        a protocol may reconfigure the image tower)."""
-        from .generator import models
+    def _load_clip(self, model: str, pretrained: Optional[str], device: Any = "cpu") -> tuple[Any, str]:
+        """The CLIP weights, read from disk on the first call only; a copy each time (a protocol may
+        reconfigure the image tower)."""
+        from .generator.models import load_clip
 
-        original = models.load_clip
-
-        def load(model: str, pretrained: Optional[str], device: Any = "cpu") -> tuple[Any, str]:
-            key = (model, pretrained, str(device))
-            if key not in self._weights:
-                self._weights[key] = original(model, pretrained, device)
-                self.weight_loads += 1
-            clip, identity = self._weights[key]
-            return copy.deepcopy(clip), identity
-
-        models.load_clip = load
-        try:
-            yield
-        finally:
-            models.load_clip = original
+        key = (model, pretrained, str(device))
+        if key not in self._weights:
+            self._weights[key] = load_clip(model, pretrained, device)
+            self.weight_loads += 1
+        clip, identity = self._weights[key]
+        return copy.deepcopy(clip), identity
 
     def segmenter(self, classes: Sequence[str], protocol: str, dense: str, preset: str,
                   zeta_g: Optional[float] = None, zeta_s: Optional[float] = None):
@@ -120,8 +109,7 @@ class DemoModel:
         with self._lock:
             generator = self._generators.get(key)
             if generator is None:
-                with self._weights_loaded_once():
-                    generator = build_generator_from_config(cfg, classes)
+                generator = build_generator_from_config(cfg, classes, load_clip=self._load_clip)
                 self._generators[key] = generator
                 while len(self._generators) > KEPT_GENERATORS:
                     self._generators.popitem(last=False)

@@ -7,7 +7,7 @@ last-block mode, resnet.ResNetDense), so that neither generator module imports t
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -105,6 +105,7 @@ def build_generator(
     area_thd: Optional[float] = None,
     precision: str = "fp32",
     vfm_values: bool = False,
+    load_clip: Optional[Callable[[str, Optional[str], Any], tuple[nn.Module, str]]] = None,
 ) -> nn.Module:
     """A dense generator for `class_names` from an open_clip model and checkpoint (models.load_clip).
 
@@ -121,9 +122,12 @@ def build_generator(
     prob_thd and area_thd (harness.py), and reads short_side as the S of Resize((2048, S)).
     vfm_values (harness only): also hand the refiners the last-block value features of every
     window from the VFM `vfm` names (LPOSS; shared with proxyclip's attention when both run).
+    load_clip(model, pretrained, device) -> (clip, identity) replaces models.load_clip, e.g. to
+    serve weights already in memory (the demo builds several generators on one load).
     """
     from .dense_attention import ATTENTION_MODES, DENSE_NAMES
-    from .models import check_normalize, check_tower_settings, configure_image_tower, image_mean_std, load_clip
+    from .models import check_normalize, check_tower_settings, configure_image_tower, image_mean_std
+    from .models import load_clip as read_clip
     from .templates import resolve_templates
     from .text import build_text_classifier, parse_class_names
 
@@ -144,7 +148,7 @@ def build_generator(
     if harness:
         check_harness_settings(short_side, window, stride, pad_to, logit_scale, prob_thd, area_thd)
     tower_dtype(precision)  # fail on a bad name before loading weights
-    clip, identity = load_clip(model, pretrained, device)
+    clip, identity = (load_clip or read_clip)(model, pretrained, device)
     configure_image_tower(clip.visual, act, ln_eps)
     mean, std = image_mean_std(clip, normalize)
     vfm_model = None
