@@ -259,7 +259,6 @@ def save_rgb(path: PathLike, image: np.ndarray) -> None:
         Image.fromarray(image).save(f, format=fmt)
 
 
-
 def check_output_dir(path: PathLike, links: bool = True) -> Path:
     """`path` as an output folder, or ValueError saying why it cannot be one: it or a folder above
     it is a file, the nearest existing folder cannot be written (a read-only file system, no
